@@ -1,0 +1,160 @@
+"""A logical unit: the emulator that executes its CDBs, and the state the core keeps for it.
+
+The pipeline for one command (after the target mapped the LUN) is a list of small steps, in order:
+unit attention -> SPC-2 reservation -> write protection -> emulator with a deadline.  Each step either
+returns None (go on) or raises `CheckCondition` / returns a `Response` that ends the command.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..emu.supervisor import Emulator, EmulatorLost
+from ..scsi.opcodes import CommandSpec, DeviceType, Direction, lookup
+from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
+from .nexus import Command, Nexus, Response
+from .unit_attention import UnitAttentions
+
+log = logging.getLogger("trioscsi.core")
+
+RESERVE_6, RELEASE_6, RESERVE_10, RELEASE_10 = 0x16, 0x17, 0x56, 0x57
+REQUEST_SENSE = 0x03
+
+
+class TaskAborted(Exception):
+    """The command was aborted by task management; the transport sends no response for it."""
+
+
+@dataclass(eq=False)
+class Task:
+    nexus: Nexus
+    tag: int
+    scope: trio.CancelScope
+    ended: trio.Event = field(default_factory=trio.Event)
+    aborted: bool = False
+
+
+@dataclass
+class LuOptions:
+    command_timeout: float = 30.0
+    read_only: bool = False
+
+
+class LogicalUnit:
+    def __init__(self, name: str, emulator: Emulator, options: LuOptions | None = None) -> None:
+        self.name = name
+        self.emulator = emulator
+        self.options = options or LuOptions()
+        self.unit_attentions = UnitAttentions()
+        self.spc2_holder: Nexus | None = None
+        self.tasks: set[Task] = set()
+        emulator.on_event = self._on_emulator_event
+
+    @property
+    def device_type(self) -> int:
+        info = self.emulator.info
+        return info.device_type if info is not None else DeviceType.DISK
+
+    def _on_emulator_event(self, message: dict[str, Any]) -> None:
+        asc = {"capacity_changed": Asc.CAPACITY_DATA_HAS_CHANGED,
+               "medium_changed": Asc.NOT_READY_TO_READY_CHANGE,
+               "mode_changed": Asc.MODE_PARAMETERS_CHANGED}.get(str(message.get("event")))
+        if asc is not None:
+            self.unit_attentions.raise_all(asc)
+
+    # ---- the pipeline -----------------------------------------------------------------------------------
+
+    async def execute(self, cmd: Command, *, read_only: bool = False) -> Response:
+        spec = lookup(self.device_type, cmd.cdb[0])
+        try:
+            return (self._unit_attention(cmd, spec)
+                    or self._spc2_reservation(cmd, spec)
+                    or self._write_protect(cmd, spec, read_only or self.options.read_only)
+                    or await self._run_in_emulator(cmd, spec))
+        except CheckCondition as cc:
+            return Response(Status.CHECK_CONDITION, cc.sense())
+
+    def _unit_attention(self, cmd: Command, spec: CommandSpec) -> Response | None:
+        if spec.ua_exempt and cmd.cdb[0] != REQUEST_SENSE:
+            return None
+        asc = self.unit_attentions.pop(cmd.nexus)
+        if asc is None:
+            return None
+        sense = build_sense(SenseKey.UNIT_ATTENTION, asc)
+        if cmd.cdb[0] == REQUEST_SENSE:
+            return Response(Status.GOOD, data=sense[:cmd.xfer])
+        return Response(Status.CHECK_CONDITION, sense)
+
+    def _spc2_reservation(self, cmd: Command, spec: CommandSpec) -> Response | None:
+        op = cmd.cdb[0]
+        if op in (RESERVE_6, RESERVE_10):
+            if self.spc2_holder not in (None, cmd.nexus):
+                return Response(Status.RESERVATION_CONFLICT)
+            self.spc2_holder = cmd.nexus
+            return Response(Status.GOOD)
+        if op in (RELEASE_6, RELEASE_10):
+            if self.spc2_holder == cmd.nexus:
+                self.spc2_holder = None
+            return Response(Status.GOOD)
+        if self.spc2_holder not in (None, cmd.nexus) and spec.pr_class != "none":
+            return Response(Status.RESERVATION_CONFLICT)
+        return None
+
+    def _write_protect(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response | None:
+        if read_only and spec.pr_class == "write" and spec.direction in (Direction.WRITE, Direction.NONE) \
+                and cmd.cdb[0] not in (0x35, 0x91, 0x1B):
+            raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
+        return None
+
+    async def _run_in_emulator(self, cmd: Command, spec: CommandSpec) -> Response:
+        task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time()
+                                                         + self.options.command_timeout))
+        self.tasks.add(task)
+        try:
+            with task.scope:
+                result = await self.emulator.execute(cmd.cdb, cmd.data_out, cmd.xfer,
+                                                     retry_safe=spec.retry_safe, attr=cmd.attr, lun=cmd.lun)
+                data = result.data
+                if len(data) > cmd.xfer:
+                    data = memoryview(data)[:cmd.xfer]
+                return Response(result.status, result.sense, data)
+        except EmulatorLost:
+            log.warning("%s: %s lost with its emulator; initiator will retry", self.name, spec.name)
+            raise CheckCondition(SenseKey.ABORTED_COMMAND, Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE) from None
+        finally:
+            self.tasks.discard(task)
+            task.ended.set()
+        if task.aborted:
+            raise TaskAborted()
+        log.warning("%s: %s timed out after %.0f s", self.name, spec.name, self.options.command_timeout)
+        raise CheckCondition(SenseKey.ABORTED_COMMAND, Asc.LOGICAL_UNIT_COMMUNICATION_TIMEOUT)
+
+    # ---- task management -----------------------------------------------------------------------------------
+
+    async def abort(self, tasks: Iterable[Task]) -> int:
+        """Abort these tasks and return once every one of them has really ended."""
+        victims = list(tasks)
+        for task in victims:
+            task.aborted = True
+            task.scope.cancel()
+        for task in victims:
+            await task.ended.wait()
+        return len(victims)
+
+    def find(self, nexus: Nexus, tag: int | None = None) -> list[Task]:
+        return [t for t in self.tasks if t.nexus == nexus and (tag is None or t.tag == tag)]
+
+    async def reset(self) -> None:
+        """LOGICAL UNIT RESET: abort every task, drop the SPC-2 reservation, tell every nexus."""
+        await self.abort(list(self.tasks))
+        self.spc2_holder = None
+        self.unit_attentions.raise_all(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        if self.spc2_holder == nexus:
+            self.spc2_holder = None
+        self.unit_attentions.forget(nexus)

@@ -1,0 +1,131 @@
+"""A SCSI target device as transports see it: a LUN map, the commands that belong to the target rather
+than to one LU (REPORT LUNS, anything addressed to an unmapped LUN), and task management.
+
+The core knows nothing of iSCSI: a transport hands it a `Command` on a `Nexus` and gets a `Response`.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Mapping
+
+from ..scsi.opcodes import DeviceType
+from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
+from .lu import LogicalUnit, TaskAborted
+from .nexus import Command, Nexus, Response, TmfResponse, encode_lun
+
+log = logging.getLogger("trioscsi.core")
+
+INQUIRY, REQUEST_SENSE, REPORT_LUNS = 0x12, 0x03, 0xA0
+
+
+class TmfFunction:
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+
+class ScsiTarget:
+    def __init__(self, name: str, luns: Mapping[int, LogicalUnit]) -> None:
+        self.name = name
+        self.luns = dict(luns)
+
+    def lun_map(self, nexus: Nexus) -> Mapping[int, LogicalUnit]:
+        """The LUNs this nexus may see (initiator groups refine this later)."""
+        return self.luns
+
+    async def execute(self, cmd: Command) -> Response:
+        """Run one command through the pipeline; raises TaskAborted when task management ended it."""
+        try:
+            if cmd.cdb[-1] & 0x04 and len(cmd.cdb) >= 6:   # NACA: we do not support ACA
+                raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB,
+                                     field=(len(cmd.cdb) - 1, 2))
+            luns = self.lun_map(cmd.nexus)
+            if cmd.cdb[0] == REPORT_LUNS:
+                lu = luns.get(cmd.lun)
+                if lu is not None:
+                    lu.unit_attentions.clear(cmd.nexus, Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
+                return self._report_luns(cmd, luns)
+            lu = luns.get(cmd.lun)
+            if lu is None:
+                return self._missing_lun(cmd)
+            return await lu.execute(cmd)
+        except CheckCondition as cc:
+            return Response(Status.CHECK_CONDITION, cc.sense())
+
+    def _report_luns(self, cmd: Command, luns: Mapping[int, LogicalUnit]) -> Response:
+        select = cmd.cdb[2]
+        if select not in (0x00, 0x02, 0x10, 0x11, 0x12):
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, field=(2, None))
+        alloc = struct.unpack_from(">I", cmd.cdb, 6)[0]
+        if alloc < 16:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, field=(6, None))
+        numbers = sorted(luns) if select in (0x00, 0x02, 0x11) else []
+        body = b"".join(encode_lun(n) for n in numbers)
+        data = struct.pack(">I4x", len(body)) + body
+        return Response(Status.GOOD, data=data[:min(alloc, cmd.xfer)])
+
+    def _missing_lun(self, cmd: Command) -> Response:
+        """SPC-4 6.6: INQUIRY to a LUN that is not there answers peripheral qualifier 3."""
+        op = cmd.cdb[0]
+        if op == INQUIRY:
+            if cmd.cdb[1] & 0x01:
+                raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_UNIT_NOT_SUPPORTED)
+            data = bytearray(36)
+            data[0] = (0x3 << 5) | DeviceType.NO_DEVICE
+            data[2] = 0x06
+            data[3] = 0x02
+            data[4] = 31
+            data[8:16] = b"TRIOSCSI"
+            data[16:32] = b"NO LUN".ljust(16)
+            alloc = struct.unpack_from(">H", cmd.cdb, 3)[0]
+            return Response(Status.GOOD, data=bytes(data[:min(alloc, cmd.xfer)]))
+        if op == REQUEST_SENSE:
+            sense = build_sense(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_UNIT_NOT_SUPPORTED)
+            return Response(Status.GOOD, data=sense[:min(cmd.cdb[4], cmd.xfer)])
+        raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_UNIT_NOT_SUPPORTED)
+
+    # ---- task management (SAM-5 7) --------------------------------------------------------------------------
+
+    async def task_management(self, nexus: Nexus, function: int, lun: int, ref_tag: int) -> TmfResponse:
+        """Perform a task management function; returns only when every affected command has ended."""
+        luns = self.lun_map(nexus)
+        if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            for lu in luns.values():
+                await lu.reset()
+            return TmfResponse.FUNCTION_COMPLETE
+        if function == TmfFunction.TASK_REASSIGN:
+            return TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+        lu = luns.get(lun)
+        if function not in (TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
+                            TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.CLEAR_ACA):
+            return TmfResponse.FUNCTION_NOT_SUPPORTED
+        if lu is None:
+            return TmfResponse.LUN_DOES_NOT_EXIST
+        if function == TmfFunction.ABORT_TASK:
+            victims = lu.find(nexus, ref_tag)
+            if not victims:
+                return TmfResponse.TASK_DOES_NOT_EXIST
+            await lu.abort(victims)
+        elif function == TmfFunction.ABORT_TASK_SET:
+            await lu.abort(lu.find(nexus))
+        elif function == TmfFunction.CLEAR_TASK_SET:
+            others = [t for t in lu.tasks if t.nexus != nexus]
+            await lu.abort(list(lu.tasks))
+            for task in others:
+                lu.unit_attentions.raise_for(task.nexus, Asc.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
+        elif function == TmfFunction.LOGICAL_UNIT_RESET:
+            await lu.reset()
+        return TmfResponse.FUNCTION_COMPLETE
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        for lu in self.luns.values():
+            lu.nexus_lost(nexus)
+
+
+__all__ = ["ScsiTarget", "TmfFunction", "TaskAborted"]

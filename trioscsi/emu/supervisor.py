@@ -1,0 +1,371 @@
+"""One emulator process: start it, restart it when it dies, and multiplex tagged commands over its pipes.
+
+Strategy: `Emulator.run()` is a restart loop owned by the server's nursery.  Each incarnation gets its own
+nursery with three tasks (frame reader, frame writer, stderr logger) plus a health pinger; when any of them
+ends (EOF, bad frame, hung emulator) the incarnation is torn down, the process killed and reaped, and every
+command in flight is told its emulator was lost.  `execute()` is what the core calls: it waits until an
+incarnation is up, sends `cmd`, and waits for `done`; a command that is safe to repeat is resent to the next
+incarnation, any other fails with `EmulatorLost` so the core can answer it with a retryable status.
+
+Invariants: a tag is in `_pending` from the moment its `cmd` is queued until its `done` arrives or its
+incarnation ends; every `execute()` returns or raises exactly once; a cancelled `execute()` sends `abort` and
+waits (shielded, bounded) for the command to really end before it lets the cancellation through.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .wire import FrameDecoder, WireError, encode
+
+log = logging.getLogger("trioscsi.emulator")
+
+PROTOCOL_VERSIONS = [1]
+
+
+class EmulatorLost(Exception):
+    """The emulator exited or hung while this command was in flight, and the command is not safe to repeat."""
+
+
+class EmulatorUnavailable(Exception):
+    """The emulator could not be brought up within the caller's patience."""
+
+
+@dataclass(slots=True)
+class Result:
+    status: int
+    sense: bytes = b""
+    data: bytes = b""
+    aborted: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Result | None = None
+    lost: bool = False
+
+
+@dataclass
+class EmulatorSpec:
+    """How to start an emulator and what to tell it in `hello`."""
+    name: str
+    argv: Sequence[str]
+    params: dict[str, Any]
+    identity: dict[str, Any]
+    cwd: str | None = None
+    ready_timeout: float = 30.0
+    ping_interval: float = 5.0
+    ping_timeout: float = 10.0
+    abort_grace: float = 5.0
+
+
+@dataclass
+class DeviceInfo:
+    """What the emulator said about itself in `ready`."""
+    device_type: int
+    identity: dict[str, Any]
+    capacity: dict[str, int] | None
+    features: list[str]
+    max_inflight: int
+
+
+class _Incarnation:
+    """The pipes and bookkeeping of one running emulator process."""
+
+    def __init__(self, proc: trio.Process, info: DeviceInfo, decoder: FrameDecoder) -> None:
+        self.proc = proc
+        self.info = info
+        self.decoder = decoder
+        self.pending: dict[int, _Pending] = {}
+        self.outbox: list[bytes] = []
+        self.outbox_ready = trio.Event()
+        self.slots = trio.Semaphore(info.max_inflight)
+        self.pongs: dict[int, trio.Event] = {}
+        self.dead = False
+
+    def send(self, frame: bytes) -> None:
+        self.outbox.append(frame)
+        self.outbox_ready.set()
+
+
+class Emulator:
+    """Supervisor and client of one emulator process (one LU)."""
+
+    def __init__(self, spec: EmulatorSpec, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.spec = spec
+        self.on_event = on_event or (lambda message: None)
+        self.info: DeviceInfo | None = None
+        self.restarts = 0
+        self.retried_commands = 0
+        self._current: _Incarnation | None = None
+        self._up = trio.Event()
+        self._next_tag = 1
+        self._kill_requested = False
+
+    # ---- the core's side -------------------------------------------------------------------------------
+
+    async def wait_ready(self) -> DeviceInfo:
+        await self._up.wait()
+        assert self.info is not None
+        return self.info
+
+    async def execute(self, cdb: bytes, data: bytes | memoryview = b"", xfer: int = 0, *,
+                      retry_safe: bool = True, attr: int = 0, lun: int = 0) -> Result:
+        """Run one command in the emulator; see the module docstring for the retry and abort rules."""
+        while True:
+            await self._up.wait()
+            inc = self._current
+            assert inc is not None
+            result = await self._execute_once(inc, cdb, data, xfer, attr, lun)
+            if result is not None:
+                return result
+            if not retry_safe:
+                raise EmulatorLost(self.spec.name)
+            self.retried_commands += 1
+
+    async def _execute_once(self, inc: _Incarnation, cdb: bytes, data: bytes | memoryview, xfer: int,
+                            attr: int, lun: int) -> Result | None:
+        async with inc.slots:
+            if inc.dead:
+                return None
+            tag = self._next_tag
+            self._next_tag = (tag + 1) & 0xFFFFFFFFFFFF
+            pending = inc.pending[tag] = _Pending()
+            message: dict[str, Any] = {"op": "cmd", "tag": tag, "cdb": bytes(cdb), "xfer": xfer}
+            if data:
+                message["data"] = data if isinstance(data, bytes) else bytes(data)
+            if attr:
+                message["attr"] = attr
+            if lun:
+                message["lun"] = lun
+            inc.send(encode(message))
+            try:
+                await pending.done.wait()
+            except trio.Cancelled:
+                await self._abort(inc, tag, pending)
+                raise
+            if pending.lost:
+                return None
+            return pending.result
+
+    async def _abort(self, inc: _Incarnation, tag: int, pending: _Pending) -> None:
+        """Tell the emulator to stop `tag` and wait until it has really ended (SCST's safe TMF semantics)."""
+        if pending.done.is_set() or inc.dead:
+            return
+        inc.send(encode({"op": "abort", "tag": tag}))
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.spec.abort_grace) as waited:
+                await pending.done.wait()
+            if waited.cancelled_caught:
+                log.warning("%s: command tag %d did not end %.0f s after abort; restarting the emulator",
+                            self.spec.name, tag, self.spec.abort_grace)
+                self.kill()
+                await pending.done.wait()
+
+    def kill(self) -> None:
+        """Kill the running incarnation (hung emulator, operator restart); the supervisor starts a new one."""
+        inc = self._current
+        if inc is not None and inc.proc.returncode is None:
+            inc.proc.kill()
+
+    @property
+    def pid(self) -> int | None:
+        inc = self._current
+        return inc.proc.pid if inc is not None else None
+
+    # ---- the supervisor ----------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the emulator running until cancelled; `started()` once the first incarnation is ready."""
+        backoff = 0.1
+        started = False
+        while True:
+            began = trio.current_time()
+            try:
+                await self._run_incarnation(task_status if not started else None)
+                started = True
+            except (OSError, WireError, trio.BrokenResourceError, trio.TooSlowError, _HandshakeError) as exc:
+                log.error("%s: emulator failed: %s", self.spec.name, exc)
+            if self.info is not None and not started:
+                started = True
+            if trio.current_time() - began > 10:
+                backoff = 0.1
+            self.restarts += 1
+            log.warning("%s: emulator exited; restarting in %.1f s (restart %d)", self.spec.name, backoff,
+                        self.restarts)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _run_incarnation(self, task_status: trio.TaskStatus[None] | None) -> None:
+        proc = await trio.lowlevel.open_process(
+            list(self.spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=self.spec.cwd, start_new_session=True)
+        log.info("%s: started emulator pid %d: %s", self.spec.name, proc.pid, " ".join(self.spec.argv))
+        inc: _Incarnation | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._log_stderr, proc)
+                decoder = FrameDecoder()
+                with trio.fail_after(self.spec.ready_timeout):
+                    info = await self._handshake(proc, decoder)
+                inc = _Incarnation(proc, info, decoder)
+                self.info = info
+                self._current = inc
+                self._up.set()
+                if task_status is not None:
+                    task_status.started()
+                nursery.start_soon(self._writer, inc)
+                nursery.start_soon(self._pinger, inc)
+                await self._reader(inc)       # returns at EOF
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                self._up = trio.Event()
+                if inc is not None:
+                    inc.dead = True
+                    for pending in inc.pending.values():
+                        pending.lost = True
+                        pending.done.set()
+                    inc.pending.clear()
+                await _reap(proc)
+                log.warning("%s: emulator pid %d ended with %s", self.spec.name, proc.pid,
+                            _describe_exit(proc.returncode))
+
+    async def _handshake(self, proc: trio.Process, decoder: FrameDecoder) -> DeviceInfo:
+        assert proc.stdin is not None and proc.stdout is not None
+        await proc.stdin.send_all(encode({"op": "hello", "versions": PROTOCOL_VERSIONS,
+                                          "params": self.spec.params, "identity": self.spec.identity}))
+        while True:
+            message = decoder.next_message()
+            if message is None:
+                chunk = await proc.stdout.receive_some(65536)
+                if not chunk:
+                    raise _HandshakeError("emulator exited before 'ready'")
+                decoder.feed(chunk)
+                continue
+            if message["op"] == "error":
+                raise _HandshakeError(f"emulator refused hello: {message.get('message')}")
+            if message["op"] != "ready":
+                raise _HandshakeError(f"expected 'ready', got {message['op']!r}")
+            if message.get("version") not in PROTOCOL_VERSIONS:
+                raise _HandshakeError(f"emulator chose unsupported version {message.get('version')!r}")
+            info = DeviceInfo(int(message["device_type"]), dict(message.get("identity") or {}),
+                              message.get("capacity"), list(message.get("features") or []),
+                              int(message.get("max_inflight") or 64))
+            log.info("%s: emulator ready: device type 0x%02x, %s", self.spec.name, info.device_type,
+                     info.capacity or "no capacity")
+            return info
+
+    async def _reader(self, inc: _Incarnation) -> None:
+        stdout = inc.proc.stdout
+        assert stdout is not None
+        decoder = inc.decoder
+        while True:
+            message = decoder.next_message()
+            if message is None:
+                chunk = await stdout.receive_some(1 << 20)
+                if not chunk:
+                    return
+                decoder.feed(chunk)
+                continue
+            op = message["op"]
+            if op == "done":
+                pending = inc.pending.pop(message.get("tag"), None)
+                if pending is None:
+                    log.error("%s: 'done' for unknown tag %r", self.spec.name, message.get("tag"))
+                    continue
+                pending.result = Result(message.get("status", 0), message.get("sense") or b"",
+                                        message.get("data") or b"", bool(message.get("aborted")))
+                pending.done.set()
+            elif op == "pong":
+                event = inc.pongs.pop(message.get("tag"), None)
+                if event is not None:
+                    event.set()
+            elif op == "event":
+                log.info("%s: event %s", self.spec.name, message.get("event"))
+                self.on_event(message)
+            elif op == "error":
+                log.error("%s: emulator reports a protocol error: %s", self.spec.name, message.get("message"))
+            else:
+                log.error("%s: unexpected message %r", self.spec.name, op)
+
+    async def _writer(self, inc: _Incarnation) -> None:
+        stdin = inc.proc.stdin
+        assert stdin is not None
+        while True:
+            await inc.outbox_ready.wait()
+            inc.outbox_ready = trio.Event()
+            frames, inc.outbox = inc.outbox, []
+            await stdin.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    async def _pinger(self, inc: _Incarnation) -> None:
+        tag = 0
+        while True:
+            await trio.sleep(self.spec.ping_interval)
+            tag += 1
+            event = inc.pongs[tag] = trio.Event()
+            inc.send(encode({"op": "ping", "tag": tag}))
+            with trio.move_on_after(self.spec.ping_timeout):
+                await event.wait()
+            if not event.is_set():
+                log.error("%s: no pong within %.0f s; killing the hung emulator", self.spec.name,
+                          self.spec.ping_timeout)
+                inc.proc.kill()
+                return
+
+    async def _log_stderr(self, proc: trio.Process) -> None:
+        assert proc.stderr is not None
+        emulog = logging.getLogger(f"trioscsi.emulator.{self.spec.name}")
+        pending = b""
+        while True:
+            chunk = await proc.stderr.receive_some(65536)
+            if not chunk:
+                if pending:
+                    emulog.info("%s", pending.decode(errors="replace"))
+                return
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                emulog.info("%s", line.decode(errors="replace"))
+
+
+class _HandshakeError(Exception):
+    pass
+
+
+async def _reap(proc: trio.Process) -> None:
+    """Make sure the process is gone: EOF on stdin first, then SIGKILL after a short grace."""
+    if proc.stdin is not None:
+        try:
+            await proc.stdin.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    with trio.move_on_after(2):
+        await proc.wait()
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        await proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            await stream.aclose()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+

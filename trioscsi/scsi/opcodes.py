@@ -1,0 +1,170 @@
+"""The parse step: what the core must know about every opcode of every device type.
+
+Strategy: one table per device type, built from shared command-set fragments (SPC for all, SBC for disks,
+...).  The core never interprets a command's semantics; it needs only the data direction, the transfer
+length the CDB asks for, whether the command is exempt from unit attention, whether repeating it after an
+emulator restart is safe, and (for reservations) which reservation types it conflicts with.
+Later device types (tape, changer, cdrom) add their fragment here; nothing else changes.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Direction(Enum):
+    NONE = "none"
+    READ = "read"      # data-in
+    WRITE = "write"    # data-out
+    BIDI = "bidi"
+
+
+class DeviceType:
+    DISK = 0x00
+    TAPE = 0x01
+    PROCESSOR = 0x03
+    CDROM = 0x05
+    CHANGER = 0x08
+    ENCLOSURE = 0x0D
+    NO_DEVICE = 0x1F
+
+
+LengthFn = Callable[[bytes, int], int]   # (cdb, block_size) -> bytes the CDB asks to transfer
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    name: str
+    direction: Direction
+    length: LengthFn | None = None      # None: whatever the initiator sends / accepts
+    ua_exempt: bool = False             # delivered even with a unit attention pending (SAM-5 5.14 / SPC-4)
+    retry_safe: bool = True             # may be resent to a restarted emulator without changing the outcome
+    # Reservation conflict class (SPC-4 5.13 table 48): "read", "write", "none" (allowed for everyone), "other".
+    pr_class: str = "other"
+
+
+def _u8(i: int) -> LengthFn:
+    return lambda cdb, bs: cdb[i] if len(cdb) > i else 0
+
+
+def _u16(i: int) -> LengthFn:
+    return lambda cdb, bs: struct.unpack_from(">H", cdb, i)[0] if len(cdb) >= i + 2 else 0
+
+
+def _u24(i: int) -> LengthFn:
+    return lambda cdb, bs: int.from_bytes(cdb[i:i + 3], "big")
+
+
+def _u32(i: int) -> LengthFn:
+    return lambda cdb, bs: struct.unpack_from(">I", cdb, i)[0] if len(cdb) >= i + 4 else 0
+
+
+def _blocks(fn: LengthFn) -> LengthFn:
+    return lambda cdb, bs: fn(cdb, bs) * bs
+
+
+def _blocks6(cdb: bytes, bs: int) -> int:
+    n = cdb[4] if len(cdb) > 4 else 0
+    return (n or 256) * bs
+
+
+IN, OUT, NONE = Direction.READ, Direction.WRITE, Direction.NONE
+
+SPC: dict[int, CommandSpec] = {
+    0x00: CommandSpec("TEST UNIT READY", NONE, pr_class="read"),
+    0x03: CommandSpec("REQUEST SENSE", IN, _u8(4), ua_exempt=True, pr_class="none"),
+    0x12: CommandSpec("INQUIRY", IN, _u16(3), ua_exempt=True, pr_class="none"),
+    0x15: CommandSpec("MODE SELECT(6)", OUT, _u8(4), retry_safe=True),
+    0x16: CommandSpec("RESERVE(6)", NONE, pr_class="none"),
+    0x17: CommandSpec("RELEASE(6)", NONE, pr_class="none"),
+    0x1A: CommandSpec("MODE SENSE(6)", IN, _u8(4), pr_class="read"),
+    0x1C: CommandSpec("RECEIVE DIAGNOSTIC RESULTS", IN, _u16(3)),
+    0x1D: CommandSpec("SEND DIAGNOSTIC", OUT, _u16(3)),
+    0x1E: CommandSpec("PREVENT ALLOW MEDIUM REMOVAL", NONE),
+    0x3B: CommandSpec("WRITE BUFFER", OUT, _u24(6)),
+    0x3C: CommandSpec("READ BUFFER", IN, _u24(6)),
+    0x4C: CommandSpec("LOG SELECT", OUT, _u16(7)),
+    0x4D: CommandSpec("LOG SENSE", IN, _u16(7), pr_class="read"),
+    0x55: CommandSpec("MODE SELECT(10)", OUT, _u16(7)),
+    0x56: CommandSpec("RESERVE(10)", NONE, pr_class="none"),
+    0x57: CommandSpec("RELEASE(10)", NONE, pr_class="none"),
+    0x5A: CommandSpec("MODE SENSE(10)", IN, _u16(7), pr_class="read"),
+    0x5E: CommandSpec("PERSISTENT RESERVE IN", IN, _u16(7), pr_class="none"),
+    0x5F: CommandSpec("PERSISTENT RESERVE OUT", OUT, _u32(5), pr_class="none"),
+    0x83: CommandSpec("EXTENDED COPY", OUT, _u32(10), retry_safe=False, pr_class="write"),
+    0x84: CommandSpec("RECEIVE COPY RESULTS", IN, _u32(10)),
+    0xA0: CommandSpec("REPORT LUNS", IN, _u32(6), ua_exempt=True, pr_class="none"),
+    0xA3: CommandSpec("MAINTENANCE IN", IN, _u32(6), pr_class="none"),
+    0xA4: CommandSpec("MAINTENANCE OUT", OUT, _u32(6)),
+    0xAB: CommandSpec("SERVICE ACTION IN(12)", IN, _u32(6)),
+    0x9E: CommandSpec("SERVICE ACTION IN(16)", IN, _u32(10), pr_class="read"),
+    0x9F: CommandSpec("SERVICE ACTION OUT(16)", OUT, _u32(10)),
+}
+
+SBC: dict[int, CommandSpec] = {
+    0x04: CommandSpec("FORMAT UNIT", OUT, retry_safe=False, pr_class="write"),
+    0x08: CommandSpec("READ(6)", IN, _blocks6, pr_class="read"),
+    0x0A: CommandSpec("WRITE(6)", OUT, _blocks6, pr_class="write"),
+    0x1B: CommandSpec("START STOP UNIT", NONE, pr_class="write"),
+    0x25: CommandSpec("READ CAPACITY(10)", IN, lambda cdb, bs: 8, pr_class="none"),
+    0x28: CommandSpec("READ(10)", IN, _blocks(_u16(7)), pr_class="read"),
+    0x2A: CommandSpec("WRITE(10)", OUT, _blocks(_u16(7)), pr_class="write"),
+    0x2E: CommandSpec("WRITE AND VERIFY(10)", OUT, _blocks(_u16(7)), pr_class="write"),
+    0x2F: CommandSpec("VERIFY(10)", OUT, pr_class="read"),
+    0x34: CommandSpec("PRE-FETCH(10)", NONE, pr_class="read"),
+    0x35: CommandSpec("SYNCHRONIZE CACHE(10)", NONE, pr_class="write"),
+    0x37: CommandSpec("READ DEFECT DATA(10)", IN, _u16(7), pr_class="read"),
+    0x41: CommandSpec("WRITE SAME(10)", OUT, pr_class="write"),
+    0x42: CommandSpec("UNMAP", OUT, _u16(7), pr_class="write"),
+    0x48: CommandSpec("SANITIZE", OUT, _u16(7), retry_safe=False, pr_class="write"),
+    0x88: CommandSpec("READ(16)", IN, _blocks(_u32(10)), pr_class="read"),
+    0x89: CommandSpec("COMPARE AND WRITE", OUT, lambda cdb, bs: cdb[13] * 2 * bs, retry_safe=False,
+                      pr_class="write"),
+    0x8A: CommandSpec("WRITE(16)", OUT, _blocks(_u32(10)), pr_class="write"),
+    0x8B: CommandSpec("ORWRITE(16)", OUT, _blocks(_u32(10)), retry_safe=False, pr_class="write"),
+    0x8E: CommandSpec("WRITE AND VERIFY(16)", OUT, _blocks(_u32(10)), pr_class="write"),
+    0x8F: CommandSpec("VERIFY(16)", OUT, pr_class="read"),
+    0x90: CommandSpec("PRE-FETCH(16)", NONE, pr_class="read"),
+    0x91: CommandSpec("SYNCHRONIZE CACHE(16)", NONE, pr_class="write"),
+    0x93: CommandSpec("WRITE SAME(16)", OUT, pr_class="write"),
+    0x9C: CommandSpec("WRITE ATOMIC(16)", OUT, _blocks(_u16(12)), pr_class="write"),
+    0xA8: CommandSpec("READ(12)", IN, _blocks(_u32(6)), pr_class="read"),
+    0xAA: CommandSpec("WRITE(12)", OUT, _blocks(_u32(6)), pr_class="write"),
+    0xAE: CommandSpec("WRITE AND VERIFY(12)", OUT, _blocks(_u32(6)), pr_class="write"),
+    0xAF: CommandSpec("VERIFY(12)", OUT, pr_class="read"),
+    0xB7: CommandSpec("READ DEFECT DATA(12)", IN, _u32(6), pr_class="read"),
+}
+
+TABLES: dict[int, Mapping[int, CommandSpec]] = {
+    DeviceType.DISK: {**SPC, **SBC},
+}
+
+
+def table_for(device_type: int) -> Mapping[int, CommandSpec]:
+    """The opcode table of a device type; unknown types get SPC only (the emulator still sees the rest)."""
+    return TABLES.get(device_type, SPC)
+
+
+UNKNOWN = CommandSpec("UNKNOWN", Direction.NONE, retry_safe=False)
+
+
+def lookup(device_type: int, opcode: int) -> CommandSpec:
+    return table_for(device_type).get(opcode, UNKNOWN)
+
+
+def cdb_length(cdb: bytes | memoryview) -> int:
+    """The length of the CDB in a (zero-padded) CDB field, from the opcode's group code (SPC-4 4.2.5.1)."""
+    group = cdb[0] >> 5
+    if group == 0:
+        return 6
+    if group in (1, 2):
+        return 10
+    if group == 4:
+        return 16
+    if group == 5:
+        return 12
+    if group == 3 and cdb[0] == 0x7F and len(cdb) >= 8:
+        return 8 + cdb[7]
+    return len(cdb)
