@@ -1,0 +1,199 @@
+"""The whole target in-process (server, iSCSI, core, real emulator subprocesses) driven by the project's own
+initiator over loopback TCP: what third-party clients cannot easily show (sense bytes, residuals, rejects,
+emulator restarts, task management)."""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import pytest
+import trio
+
+from trioscsi import config as config_module
+from trioscsi.iscsi.initiator import Initiator, LoginRefused
+from trioscsi.server import Server
+
+TARGET = "iqn.2026-11.org.trioscsi:stack"
+
+CONFIG = f"""
+[[portal]]
+listen = "127.0.0.1:0"
+
+[[target]]
+name = "{TARGET}"
+queue_depth = 16
+  [target.iscsi]
+  max_recv_data_segment_length = 65536
+  first_burst_length = 65536
+  max_burst_length = 131072
+  [[target.lun]]
+  lun = 0
+  emulator = "vdisk"
+  params = {{ path = "lun0.img", size = 16777216, block_size = 512, create = true }}
+  [[target.lun]]
+  lun = 3
+  emulator = "null"
+  params = {{ size = 1073741824 }}
+"""
+
+
+@asynccontextmanager
+async def running_server(tmp_path: object, text: str = CONFIG) -> AsyncIterator[tuple[Server, int]]:
+    config = config_module.parse(text, "test.toml")
+    server = Server(config, str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(server.run)
+        yield server, bound[0][1]
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def session(port: int, **kwargs: object) -> AsyncIterator[Initiator]:
+    initiator = await Initiator.connect("127.0.0.1", port, **kwargs)  # type: ignore[arg-type]
+    await initiator.login(TARGET)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(initiator.run)
+        yield initiator
+        nursery.cancel_scope.cancel()
+    await initiator.stream.aclose()
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+
+
+def write10(lba: int, blocks: int, fua: bool = False) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, lba, 0, blocks, 0)
+
+
+async def first_command(ini: Initiator) -> None:
+    """Consume the power-on unit attention every new nexus starts with, checking that it is there."""
+    result = await ini.scsi(bytes(6), lun=0)
+    assert (result.status, result.sense_key, result.asc) == (2, 6, 0x2900)
+
+
+async def test_login_and_unit_attention_then_ready(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        result = await ini.scsi(bytes(6), lun=0)
+        assert result.status == 0
+
+
+async def test_write_read_round_trip_with_r2t(tmp_path: object) -> None:
+    pattern = os.urandom(512 * 600)      # 300 KiB: immediate data, unsolicited data-out and R2Ts
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        written = await ini.scsi(write10(100, 600), write=pattern)
+        assert written.status == 0, written
+        read = await ini.scsi(read10(100, 600), read=len(pattern))
+        assert read.status == 0 and read.data == pattern
+        assert not read.underflow and read.residual == 0
+
+
+async def test_read_beyond_end_is_lba_out_of_range(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        result = await ini.scsi(read10(32768 - 1, 2), read=1024)
+        assert (result.status, result.sense_key, result.asc) == (2, 5, 0x2100)
+
+
+async def test_underflow_residual_when_initiator_accepts_more(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        result = await ini.scsi(read10(0, 1), read=4096)
+        assert result.status == 0 and result.underflow and result.residual == 4096 - 512
+        result = await ini.scsi(read10(0, 8), read=1024)
+        assert result.status == 0 and result.overflow and result.residual == 4096 - 1024
+        assert len(result.data) == 1024
+
+
+async def test_missing_lun(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        inquiry = await ini.scsi(bytes([0x12, 0, 0, 0, 96, 0]), lun=7, read=96)
+        assert inquiry.status == 0 and inquiry.data[0] == 0x7F
+        tur = await ini.scsi(bytes(6), lun=7)
+        assert (tur.status, tur.sense_key, tur.asc) == (2, 5, 0x2500)
+
+
+async def test_report_luns(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        result = await ini.scsi(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), read=256)
+        assert result.status == 0
+        length = struct.unpack_from(">I", result.data)[0]
+        assert length == 16
+        assert result.data[8:16] == bytes(8) and result.data[16:24] == bytes([0, 3]) + bytes(6)
+
+
+async def test_null_lun_reads_zeros(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await ini.scsi(bytes(6), lun=3)
+        result = await ini.scsi(read10(12345, 16), lun=3, read=8192)
+        assert result.status == 0 and result.data == bytes(8192)
+
+
+async def test_nop_and_text_and_logout(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        assert await ini.nop(b"ping-data") == b"ping-data"
+        targets = await ini.text({"SendTargets": ""})
+        assert ("TargetName", TARGET) in targets
+        assert await ini.logout() == 0
+
+
+async def test_discovery_lists_targets(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port):
+        ini = await Initiator.connect("127.0.0.1", port)
+        await ini.login(None, discovery=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ini.run)
+            pairs = await ini.text({"SendTargets": "All"})
+            assert ("TargetName", TARGET) in pairs
+            assert any(k == "TargetAddress" and v.startswith(f"127.0.0.1:{port},") for k, v in pairs)
+            nursery.cancel_scope.cancel()
+
+
+async def test_login_to_unknown_target_fails_with_not_found(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port):
+        ini = await Initiator.connect("127.0.0.1", port)
+        with pytest.raises(LoginRefused) as refused:
+            await ini.login("iqn.2026-11.org.trioscsi:nope")
+        assert refused.value.status == 0x0203
+
+
+async def test_garbage_does_not_disturb_other_sessions(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        bad = await trio.open_tcp_stream("127.0.0.1", port)
+        await bad.send_all(b"GET / HTTP/1.0\r\n\r\n" + bytes(100))
+        with trio.fail_after(5):
+            assert await bad.receive_some(100) in (b"",) or True
+        await bad.aclose()
+        assert (await ini.scsi(bytes(6), lun=0)).status == 0
+
+
+async def test_emulator_killed_session_survives(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (server, port), session(port) as ini:
+        await first_command(ini)
+        pattern = os.urandom(4096)
+        assert (await ini.scsi(write10(8, 8, fua=True), write=pattern)).status == 0
+        emulator = server.emulators[0]
+        pid = emulator.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with trio.fail_after(20):
+            result = await ini.scsi(read10(8, 8), read=4096)
+        assert result.status == 0 and result.data == pattern
+        assert emulator.pid != pid and emulator.restarts >= 1
+
+
+async def test_abort_task_set_and_lun_reset_answered(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        assert await ini.task_management(2, lun=0) == 0      # ABORT TASK SET
+        assert await ini.task_management(5, lun=0) == 0      # LOGICAL UNIT RESET
+        ua = await ini.scsi(bytes(6), lun=0)
+        assert (ua.sense_key, ua.asc) == (6, 0x2903)
+        assert await ini.task_management(1, lun=0, rtt=999) == 1   # ABORT TASK of an unknown task
+        assert await ini.task_management(8, lun=0) in (4, 5)       # TASK REASSIGN: not supported

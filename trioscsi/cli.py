@@ -1,0 +1,60 @@
+"""Command line: `trioscsi serve` (and later the tape and emulator tools)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import trio
+
+from . import config as config_module
+from .server import Server, serve_until_signalled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trioscsi", description="A SCSI target in user space.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the target")
+    serve.add_argument("--config", help="TOML configuration (default: the embedded demo target)")
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
+                       help="listen here instead of the configured portals (repeatable)")
+    serve.add_argument("--state-dir", help="images and persistent state (default: ./state)")
+    serve.add_argument("--log-level", default=os.environ.get("TRIOSCSI_LOG", "info"),
+                       choices=["debug", "info", "warning", "error"])
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        try:
+            config_module.load(args.config)
+        except config_module.ConfigError as exc:
+            print(f"trioscsi: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.config}: OK")
+        return 0
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    try:
+        config = config_module.load(args.config)
+        if args.listen:
+            config.portals = [config_module.parse_listen(text) for text in args.listen]
+    except config_module.ConfigError as exc:
+        print(f"trioscsi: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"trioscsi: --listen: {exc}", file=sys.stderr)
+        return 2
+    state_dir = os.path.abspath(args.state_dir or config.state_dir or "state")
+    server = Server(config, state_dir)
+    try:
+        trio.run(serve_until_signalled, server)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

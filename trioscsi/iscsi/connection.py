@@ -1,0 +1,431 @@
+"""One iSCSI connection, target role: the socket pump, the login phase, and full feature phase dispatch.
+
+Strategy: the only socket code in the transport lives here.  `_receive_loop` feeds bytes to the sans-I/O
+`PduReader` and dispatches each PDU synchronously through `_HANDLERS` (opcode -> method); anything that must
+wait (a SCSI command, task management) is started in the session's nursery.  `_send_loop` writes queued
+buffers with one vectored `sendmsg` per batch, so header, data and digest go out without being joined.
+StatSN is assigned when a status-bearing PDU is queued, so StatSN order is queue order.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..core.lu import TaskAborted
+from ..core.nexus import Command, Response, decode_lun
+from ..scsi.opcodes import cdb_length, lookup
+from ..scsi.sense import CheckCondition, Status
+from .framing import NEED_DATA, DigestError, PduReader, encode_pdu
+from .login import LoginMachine
+from .pdu import RESERVED_TAG, DataOut, FramingError, LoginRequest, LoginResponse, LogoutRequest, \
+    LogoutResponse, NopIn, NopOut, PduError, Reject, RejectReason, ScsiCommand, SnackRequest, TaskMgmtRequest, \
+    TaskMgmtResponse, TextRequest, encode_header
+from .scsi_task import IscsiTask, StatusStamp
+
+if TYPE_CHECKING:
+    from .portal import IscsiService
+    from .session import Session
+
+log = logging.getLogger("trioscsi.iscsi")
+
+IOV_MAX = 512
+RECV_SIZE = 1 << 18
+
+
+class ConnectionClosed(Exception):
+    """Raised inside the connection's tasks to end it (logout done, fatal protocol error)."""
+
+
+class Connection(StatusStamp):
+    def __init__(self, service: IscsiService, stream: trio.SocketStream, peer: str) -> None:
+        self.service = service
+        self.stream = stream
+        self.peer = peer
+        self.reader = PduReader()
+        self.header_digest = False
+        self.data_digest = False
+        self.session: Session | None = None
+        self.cid = 0
+        self.statsn = 0
+        self.max_send_segment = 8192
+        self.tasks: dict[int, IscsiTask] = {}
+        self._out: list[Any] = []
+        self._out_ready = trio.Event()
+        self._scope = trio.CancelScope()
+        self._ttt = 0
+        self._ping_ttt: int | None = None
+        self._ping_answered = trio.Event()
+        self._logged_out = False
+
+    # ---- lifetime --------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve this connection until the peer leaves, logs out, or breaks the protocol."""
+        with self._scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop)
+                    await self._login()
+                    if self.session is not None:
+                        nursery.start_soon(self._ping_loop)
+                        await self._receive_loop(self._dispatch)
+                    await self._flush()
+                    nursery.cancel_scope.cancel()
+            except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                     FramingError, trio.TooSlowError) as group:
+                log.info("%s: connection closed: %s", self.peer, _first_reason(group))
+            finally:
+                self._detach()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    def close(self) -> None:
+        self._scope.cancel()
+
+    def _detach(self) -> None:
+        session = self.session
+        if session is not None:
+            session.connections.discard(self)
+            if not session.connections:      # error recovery level 0: the session ends with its connection
+                self.service.registry.remove(session)
+                session.close()
+
+    # ---- the pump ----------------------------------------------------------------------------------------------
+
+    async def _receive_loop(self, dispatch: Callable[[Any], bool | None]) -> None:
+        reader = self.reader
+        receive = self.stream.receive_some
+        while True:
+            try:
+                pdu = reader.next_pdu()
+            except PduError as exc:
+                self.reject(exc.reason, exc.header)
+                continue
+            except DigestError as exc:
+                if exc.header_digest:
+                    raise ConnectionClosed("header digest error") from None
+                self.reject(RejectReason.DATA_DIGEST_ERROR, encode_header(exc.pdu)[:48])
+                continue
+            if pdu is NEED_DATA:
+                chunk = await receive(RECV_SIZE)
+                if not chunk:
+                    raise ConnectionClosed("peer closed the connection")
+                reader.feed(chunk)
+                continue
+            if dispatch(pdu):
+                return
+
+    def queue(self, pdu: Any) -> None:
+        self._out.extend(encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
+        self._out_ready.set()
+
+    async def _send_loop(self) -> None:
+        sock = self.stream.socket
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = trio.Event()
+            buffers, self._out = self._out, []
+            while buffers:
+                batch = buffers[:IOV_MAX]
+                sent = await sock.sendmsg(batch)
+                total = 0
+                for count, buf in enumerate(batch):
+                    size = len(buf)
+                    if total + size > sent:
+                        buffers = [memoryview(buf)[sent - total:]] + buffers[count + 1:]
+                        break
+                    total += size
+                else:
+                    buffers = buffers[len(batch):]
+            if not self._out:
+                self._flushed.set() if hasattr(self, "_flushed") else None
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far is on the wire (before closing after a logout or failed login)."""
+        while self._out or self._out_ready.is_set():
+            await trio.sleep(0.001)
+        await trio.sleep(0)
+
+    # ---- login --------------------------------------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        machine = LoginMachine(self.service, expcmdsn_window=1)
+
+        def on_login_pdu(pdu: Any) -> bool:
+            if not isinstance(pdu, LoginRequest):
+                self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+                raise ConnectionClosed("non-login PDU during login")
+            response: LoginResponse = machine.receive(pdu)
+            self.queue(response)
+            if machine.failed:
+                return True
+            if machine.outcome is not None:
+                self.statsn = machine.next_statsn
+                self.cid = pdu.cid
+                return True
+            return False
+
+        with trio.fail_after(self.service.login_timeout):
+            await self._receive_loop(on_login_pdu)
+        if machine.outcome is None:
+            return
+        outcome = machine.outcome
+        session: Session = outcome.session  # type: ignore[assignment]
+        params = outcome.params
+        self.header_digest = params.header_digest
+        self.data_digest = params.data_digest
+        self.reader.header_digest = params.header_digest
+        self.reader.data_digest = params.data_digest
+        self.reader.max_recv_data_segment_length = params.target_max_recv_data_segment_length
+        self.max_send_segment = params.initiator_max_recv_data_segment_length
+        await self.service.start_session(session)
+        session.connections.add(self)
+        self.session = session
+        log.info("%s: login of %s to %s (%s session, TSIH %d): %s", self.peer, outcome.initiator_name,
+                 outcome.target_name or "discovery", outcome.session_type, session.tsih, _describe(params))
+
+    # ---- full feature phase ----------------------------------------------------------------------------------------
+
+    def status(self) -> tuple[int, int, int]:
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        window = self.session.window  # type: ignore[union-attr]
+        return statsn, window.expcmdsn, window.maxcmdsn
+
+    def window(self) -> tuple[int, int]:
+        window = self.session.window  # type: ignore[union-attr]
+        return window.expcmdsn, window.maxcmdsn
+
+    def reject(self, reason: int, header: bytes) -> None:
+        statsn, expcmdsn, maxcmdsn = self.status() if self.session else (self.statsn, 0, 0)
+        log.warning("%s: Reject reason 0x%02x", self.peer, reason)
+        self.queue(Reject(reason=reason, statsn=statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn,
+                          datasn_r2tsn=0, data=bytes(header[:48])))
+
+    def _dispatch(self, pdu: Any) -> bool | None:
+        handler = _HANDLERS.get(type(pdu))
+        if handler is None:
+            self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+            return None
+        return handler(self, pdu)
+
+    def _sequence(self, pdu: Any, run: Callable[[Any], Any]) -> None:
+        """Order a CmdSN-carrying request and start whatever became deliverable."""
+        session = self.session
+        assert session is not None
+        ready = session.window.accept(pdu.cmdsn, pdu.immediate, pdu)
+        if ready is None:
+            log.debug("%s: CmdSN %d outside the window; dropped", self.peer, pdu.cmdsn)
+            return
+        for item in ready:
+            run(item)
+
+    def _on_nop_out(self, pdu: NopOut) -> None:
+        if pdu.ttt != RESERVED_TAG:
+            if pdu.ttt == self._ping_ttt:
+                self._ping_answered.set()
+            return
+        if pdu.itt == RESERVED_TAG:
+            if not pdu.immediate:
+                self._sequence(pdu, lambda _: None)
+            return
+        if len(pdu.data) > self.max_send_segment:
+            self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+            return
+
+        def answer(item: NopOut) -> None:
+            statsn, expcmdsn, maxcmdsn = self.status()
+            self.queue(NopIn(lun=item.lun, itt=item.itt, ttt=RESERVED_TAG, statsn=statsn, expcmdsn=expcmdsn,
+                             maxcmdsn=maxcmdsn, data=item.data))
+        self._sequence(pdu, answer)
+
+    def _on_scsi_command(self, pdu: ScsiCommand) -> None:
+        session = self.session
+        assert session is not None
+        if session.is_discovery or session.target is None:
+            self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+            return
+        if pdu.itt in self.tasks:
+            self.reject(RejectReason.TASK_IN_PROGRESS, encode_header(pdu)[:48])
+            return
+        task = IscsiTask(pdu)
+        if pdu.write:
+            params = session.params
+            if len(pdu.data) and not params.immediate_data:
+                self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+                return
+            task.start_data_out(params.first_burst_length, params.initial_r2t)
+        self.tasks[pdu.itt] = task
+
+        def start(item: ScsiCommand) -> None:
+            session.window.started()
+            assert session.commands is not None
+            session.commands.start_soon(self._run_command, task)
+        self._sequence(pdu, start)
+
+    def _on_data_out(self, pdu: DataOut) -> None:
+        task = self.tasks.get(pdu.itt)
+        if task is None or not task.command.write:
+            self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+            return
+        try:
+            task.on_data_out(pdu)
+        except PduError as exc:
+            self.reject(exc.reason, encode_header(pdu)[:48])
+
+    async def _run_command(self, task: IscsiTask) -> None:
+        session = self.session
+        assert session is not None and session.target is not None
+        pdu = task.command
+        try:
+            response = await self._execute(session, task)
+        except TaskAborted:
+            return
+        finally:
+            self.tasks.pop(pdu.itt, None)
+            session.window.finished()
+        wanted = self._wanted_length(session, task)
+        for out in task.response_pdus(response, max_data_segment=self.max_send_segment, wanted=wanted,
+                                      stamp=self):
+            self.queue(out)
+
+    async def _execute(self, session: Session, task: IscsiTask) -> Response:
+        pdu = task.command
+        assert session.target is not None
+        lun = decode_lun(pdu.lun)
+        cdb = bytes(pdu.cdb[:cdb_length(pdu.cdb)])
+        if pdu.write:
+            await self._gather(session, task)
+        command = Command(session.nexus, lun if lun is not None else 0xFFFF, cdb, tag=pdu.itt,
+                          data_out=task.buffer[:task.received] if pdu.write else b"",
+                          xfer=pdu.edtl if pdu.read else 0, attr=pdu.attr)
+        if not pdu.read and not pdu.write and pdu.edtl:
+            pass  # a transfer length with neither R nor W: the data has nowhere to go; residual reported
+        try:
+            return await session.target.execute(command)
+        except CheckCondition as cc:
+            return Response(Status.CHECK_CONDITION, cc.sense())
+
+    async def _gather(self, session: Session, task: IscsiTask) -> None:
+        await task.burst_done.wait()
+        r2tsn = 0
+        while True:
+            self._ttt = (self._ttt + 1) & 0x7FFFFFFF
+            r2t = task.r2t(self._ttt, r2tsn, session.params.max_burst_length)
+            if r2t is None:
+                return
+            expcmdsn, maxcmdsn = self.window()
+            self.queue(_stamped(r2t, statsn=self.statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn))
+            r2tsn += 1
+            await task.burst_done.wait()
+
+    def _wanted_length(self, session: Session, task: IscsiTask) -> int | None:
+        """What the CDB asked to transfer, for residual overflow (None when the opcode table cannot say)."""
+        assert session.target is not None
+        pdu = task.command
+        lu = session.target.lun_map(session.nexus).get(decode_lun(pdu.lun) or 0)
+        if lu is None:
+            return None
+        spec = lookup(lu.device_type, pdu.cdb[0])
+        info = lu.emulator.info
+        if spec.length is None or info is None:
+            return None
+        block_size = (info.capacity or {}).get("block_size", 512)
+        try:
+            return spec.length(bytes(pdu.cdb[:cdb_length(pdu.cdb)]), block_size)
+        except (IndexError, ValueError):
+            return None
+
+    def _on_task_mgmt(self, pdu: TaskMgmtRequest) -> None:
+        session = self.session
+        assert session is not None
+
+        async def perform(item: TaskMgmtRequest) -> None:
+            if session.target is None:
+                response = 5
+            else:
+                lun = decode_lun(item.lun)
+                response = int(await session.target.task_management(
+                    session.nexus, item.function & 0x7F, lun if lun is not None else 0xFFFF, item.rtt))
+            statsn, expcmdsn, maxcmdsn = self.status()
+            self.queue(TaskMgmtResponse(response=response, itt=item.itt, statsn=statsn, expcmdsn=expcmdsn,
+                                        maxcmdsn=maxcmdsn))
+
+        def start(item: TaskMgmtRequest) -> None:
+            assert session.commands is not None
+            session.commands.start_soon(perform, item)
+        self._sequence(pdu, start)
+
+    def _on_text(self, pdu: TextRequest) -> None:
+        self._sequence(pdu, lambda item: self.queue(self.service.text_response(self, item)))
+
+    def _on_logout(self, pdu: LogoutRequest) -> bool:
+        statsn, expcmdsn, maxcmdsn = self.status()
+        response = 0 if pdu.reason in (0, 1) else 2 if pdu.reason == 2 else 3
+        self.queue(LogoutResponse(response=response, itt=pdu.itt, statsn=statsn, expcmdsn=expcmdsn,
+                                  maxcmdsn=maxcmdsn, time2wait=0, time2retain=0))
+        if response == 0:
+            log.info("%s: logout (%s)", self.peer, "close session" if pdu.reason == 0 else "close connection")
+            if pdu.reason == 0 and self.session is not None:
+                self.service.registry.remove(self.session)
+            return True
+        return False
+
+    def _on_snack(self, pdu: SnackRequest) -> None:
+        self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+
+    def _on_login_in_ffp(self, pdu: LoginRequest) -> None:
+        self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
+
+    async def _ping_loop(self) -> None:
+        """Target-initiated NOP-In: drop a connection whose initiator no longer answers."""
+        interval = self.service.nop_interval
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            self._ttt = (self._ttt + 1) & 0x7FFFFFFF
+            self._ping_ttt = self._ttt
+            self._ping_answered = trio.Event()
+            expcmdsn, maxcmdsn = self.window()
+            self.queue(NopIn(lun=0, itt=RESERVED_TAG, ttt=self._ping_ttt, statsn=self.statsn, expcmdsn=expcmdsn,
+                             maxcmdsn=maxcmdsn))
+            with trio.move_on_after(self.service.nop_timeout):
+                await self._ping_answered.wait()
+            if not self._ping_answered.is_set():
+                raise ConnectionClosed(f"no NOP-Out answer within {self.service.nop_timeout:.0f} s")
+
+
+_HANDLERS: dict[type, Callable[[Connection, Any], bool | None]] = {
+    NopOut: Connection._on_nop_out,
+    ScsiCommand: Connection._on_scsi_command,
+    DataOut: Connection._on_data_out,
+    TaskMgmtRequest: Connection._on_task_mgmt,
+    TextRequest: Connection._on_text,
+    LogoutRequest: Connection._on_logout,
+    SnackRequest: Connection._on_snack,
+    LoginRequest: Connection._on_login_in_ffp,
+}
+
+
+def _stamped(pdu: Any, **fields: int) -> Any:
+    import dataclasses
+    return dataclasses.replace(pdu, **fields)
+
+
+def _describe(params: Any) -> str:
+    return ", ".join(f"{k}={getattr(params, k)}" for k in (
+        "header_digest", "data_digest", "initiator_max_recv_data_segment_length",
+        "target_max_recv_data_segment_length", "max_burst_length", "first_burst_length", "initial_r2t",
+        "immediate_data", "max_outstanding_r2t") if hasattr(params, k))
+
+
+def _first_reason(group: BaseExceptionGroup) -> str:  # type: ignore[type-arg]
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_reason(exc)
+        return str(exc) or type(exc).__name__
+    return "?"

@@ -1,0 +1,76 @@
+"""The server: builds logical units, targets and transports from a configuration and owns their lifetimes.
+
+Ownership (one nursery, named owners): the server nursery runs one supervisor per emulator and the iSCSI
+service (which owns its portals, connections and sessions).  SIGINT/SIGTERM cancel it with a grace period so
+emulators get EOF on stdin and flush before they exit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import Config, LunConfig, TargetConfig
+from .core.lu import LogicalUnit, LuOptions
+from .core.target import ScsiTarget
+from .emu.supervisor import Emulator, EmulatorSpec
+from .iscsi.portal import ExportedTarget, IscsiService
+
+log = logging.getLogger("trioscsi")
+
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class Server:
+    config: Config
+    state_dir: str
+    emulators: list[Emulator] = field(default_factory=list)
+    iscsi: IscsiService | None = None
+
+    def build(self) -> None:
+        exported = [ExportedTarget(t, self._target(t)) for t in self.config.targets]
+        self.iscsi = IscsiService(exported, self.config.portals)
+
+    def _target(self, config: TargetConfig) -> ScsiTarget:
+        return ScsiTarget(config.name, {lun.lun: self._logical_unit(config, lun) for lun in config.luns})
+
+    def _logical_unit(self, target: TargetConfig, lun: LunConfig) -> LogicalUnit:
+        name = f"{target.name.rsplit(':', 1)[-1]}/lun{lun.lun}"
+        params = dict(lun.params)
+        if lun.read_only:
+            params["read_only"] = True
+        identity = {"naa": lun.naa, "serial": lun.serial, "vendor": lun.vendor, "product": lun.product,
+                    "revision": lun.revision}
+        emulator = Emulator(EmulatorSpec(name=name, argv=lun.argv, params=params, identity=identity,
+                                         cwd=self.state_dir))
+        self.emulators.append(emulator)
+        return LogicalUnit(name, emulator, LuOptions(command_timeout=lun.command_timeout,
+                                                     read_only=lun.read_only))
+
+    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        os.makedirs(self.state_dir, exist_ok=True)
+        if self.iscsi is None:
+            self.build()
+        assert self.iscsi is not None
+        async with trio.open_nursery() as nursery:
+            for emulator in self.emulators:
+                await nursery.start(emulator.run)
+            bound = await nursery.start(self.iscsi.serve)
+            task_status.started(bound)
+
+
+async def serve_until_signalled(server: Server) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            log.info("trioscsi ready")
+            async for signum in signals:
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                nursery.cancel_scope.cancel()
+                break
