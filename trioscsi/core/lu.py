@@ -16,6 +16,7 @@ import trio
 from ..emu.supervisor import Emulator, EmulatorLost
 from ..scsi.opcodes import CommandSpec, DeviceType, Direction, lookup
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
+from . import identity
 from .nexus import Command, Nexus, Response
 from .unit_attention import UnitAttentions
 
@@ -116,9 +117,14 @@ class LogicalUnit:
         self.tasks.add(task)
         try:
             with task.scope:
-                result = await self.emulator.execute(cmd.cdb, cmd.data_out, cmd.xfer,
+                splice = identity.asks_for_device_identification(cmd.cdb)
+                cdb, xfer = (identity.widen_allocation(cmd.cdb), 0xFFFF) if splice else (cmd.cdb, cmd.xfer)
+                result = await self.emulator.execute(cdb, cmd.data_out, xfer,
                                                      retry_safe=spec.retry_safe, attr=cmd.attr, lun=cmd.lun)
                 data = result.data
+                if splice and result.status == Status.GOOD:
+                    allocation = int.from_bytes(cmd.cdb[3:5], "big")
+                    data = identity.complete_page(data, cmd.nexus, min(allocation, cmd.xfer))
                 if len(data) > cmd.xfer:
                     data = memoryview(data)[:cmd.xfer]
                 return Response(result.status, result.sense, data)
