@@ -159,7 +159,7 @@ async def test_login_to_unknown_target_fails_with_not_found(tmp_path: object) ->
         ini = await Initiator.connect("127.0.0.1", port)
         with pytest.raises(LoginRefused) as refused:
             await ini.login("iqn.2026-11.org.trioscsi:nope")
-        assert refused.value.status == 0x0203
+        assert refused.value.status == 0x0202   # the same answer as for a hidden target
 
 
 async def test_garbage_does_not_disturb_other_sessions(tmp_path: object) -> None:
@@ -197,3 +197,67 @@ async def test_abort_task_set_and_lun_reset_answered(tmp_path: object) -> None:
         assert (ua.sense_key, ua.asc) == (6, 0x2903)
         assert await ini.task_management(1, lun=0, rtt=999) == 1   # ABORT TASK of an unknown task
         assert await ini.task_management(8, lun=0) in (4, 5)       # TASK REASSIGN: not supported
+
+
+ACCESS_CONFIG = f"""
+[[portal]]
+listen = "127.0.0.1:0"
+
+[[target]]
+name = "{TARGET}"
+default_access = false
+  [[target.lun]]
+  lun = 0
+  name = "disk"
+  emulator = "vdisk"
+  params = {{ path = "shared.img", size = 4194304, create = true }}
+  [[target.lun]]
+  lun = 1
+  name = "scratch"
+  emulator = "null"
+  [[target.group]]
+  name = "writers"
+  initiators = ["iqn.2026-11.org.example:w*"]
+  addresses = ["127.0.0.0/8"]
+  luns = [ {{ lun = 0, device = "disk" }}, {{ lun = 5, device = "scratch" }} ]
+  [[target.group]]
+  name = "readers"
+  initiators = ["iqn.2026-11.org.example:reader"]
+  luns = [ {{ lun = 3, device = "disk", read_only = true }} ]
+"""
+
+
+async def report_luns(ini: Initiator) -> list[int]:
+    result = await ini.scsi(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), read=256)
+    length = struct.unpack_from(">I", result.data)[0]
+    return [result.data[8 + i + 1] for i in range(0, length, 8)]
+
+
+async def test_groups_see_their_own_luns_and_read_only_refuses_writes(tmp_path: object) -> None:
+    async with running_server(tmp_path, ACCESS_CONFIG) as (_, port):
+        async with session(port, name="iqn.2026-11.org.example:writer1") as writer, \
+                session(port, name="iqn.2026-11.org.example:reader") as reader:
+            assert await report_luns(writer) == [0, 5]
+            assert await report_luns(reader) == [3]
+            await first_command(writer)
+            pattern = os.urandom(512)
+            assert (await writer.scsi(write10(0, 1), write=pattern)).status == 0
+            await reader.scsi(bytes(6), lun=3)
+            refused = await reader.scsi(write10(0, 1), lun=3, write=pattern)
+            assert (refused.status, refused.sense_key, refused.asc) == (2, 7, 0x2700)
+            read = await reader.scsi(read10(0, 1), lun=3, read=512)
+            assert read.status == 0 and read.data == pattern
+            mode = await reader.scsi(bytes([0x1A, 0, 0x3F, 0, 255, 0]), lun=3, read=255)
+            assert mode.status == 0 and mode.data[2] & 0x80          # WP in the mode parameter header
+            mode = await writer.scsi(bytes([0x1A, 0, 0x3F, 0, 255, 0]), lun=0, read=255)
+            assert mode.status == 0 and not mode.data[2] & 0x80
+        stranger = await Initiator.connect("127.0.0.1", port, name="iqn.2026-11.org.example:stranger")
+        with pytest.raises(LoginRefused) as refused_login:
+            await stranger.login(TARGET)
+        assert refused_login.value.status == 0x0202
+        ini = await Initiator.connect("127.0.0.1", port, name="iqn.2026-11.org.example:stranger")
+        await ini.login(None, discovery=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ini.run)
+            assert await ini.text({"SendTargets": "All"}) == []
+            nursery.cancel_scope.cancel()

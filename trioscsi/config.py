@@ -7,6 +7,7 @@ dotted key.  The embedded default is an ordinary TOML document checked by the sa
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import sys
 import tomllib
@@ -63,6 +64,32 @@ class IscsiSettings:
 
 
 @dataclass
+class ChapConfig:
+    """CHAP credentials: what the initiator must prove, and optionally what the target proves (mutual)."""
+    user: str
+    secret: bytes = field(repr=False)
+    mutual_user: str | None = None
+    mutual_secret: bytes | None = field(default=None, repr=False)
+    algorithms: tuple[int, ...] = (8, 7, 6, 5)
+
+
+@dataclass
+class GroupLun:
+    lun: int
+    device: str
+    read_only: bool = False
+
+
+@dataclass
+class GroupConfig:
+    name: str
+    initiators: list[str]
+    addresses: list[str] = field(default_factory=list)
+    chap: ChapConfig | None = None
+    luns: list[GroupLun] | None = None
+
+
+@dataclass
 class LunConfig:
     lun: int
     emulator: str
@@ -75,6 +102,7 @@ class LunConfig:
     product: str = ""
     revision: str = "0001"
     command_timeout: float = 30.0
+    name: str = ""
 
 
 @dataclass
@@ -85,6 +113,9 @@ class TargetConfig:
     queue_depth: int = 64
     luns: list[LunConfig] = field(default_factory=list)
     iscsi: IscsiSettings = field(default_factory=IscsiSettings)
+    default_access: bool = True
+    chap: ChapConfig | None = None
+    groups: list[GroupConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +124,7 @@ class Config:
     portals: list[tuple[str, int]]
     targets: list[TargetConfig]
     state_dir: str | None = None
+    discovery_chap: ChapConfig | None = None
 
 
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:.+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
@@ -168,7 +200,7 @@ class _Checker:
         return best
 
     def config(self, doc: dict[str, Any]) -> Config:
-        self._known(doc, [], {"portal", "target", "server"})
+        self._known(doc, [], {"portal", "target", "server", "discovery"})
         server = doc.get("server", {})
         self._known(server, ["server"], {"state_dir"})
         portals = []
@@ -185,11 +217,15 @@ class _Checker:
         for i, name in enumerate(names):
             if names.index(name) != i:
                 raise self.fail(["target", i, "name"], f"target {name} defined twice")
-        return Config(self.file, portals, targets, server.get("state_dir"))
+        discovery = doc.get("discovery", {})
+        self._known(discovery, ["discovery"], {"chap"})
+        discovery_chap = self.chap(discovery["chap"], ["discovery", "chap"]) if "chap" in discovery else None
+        return Config(self.file, portals, targets, server.get("state_dir"), discovery_chap)
 
     def target(self, table: dict[str, Any], i: int) -> TargetConfig:
         path: list[str | int] = ["target", i]
-        self._known(table, path, {"name", "alias", "tpgt", "queue_depth", "lun", "iscsi"})
+        self._known(table, path, {"name", "alias", "tpgt", "queue_depth", "lun", "iscsi", "default_access",
+                                  "chap", "group"})
         name = self._get(table, path + ["name"], str)
         if not _IQN.match(name):
             raise self.fail(path + ["name"], f"{name!r} is not an iqn., eui. or naa. name")
@@ -204,7 +240,71 @@ class _Checker:
                 raise self.fail(path + ["lun", j, "lun"], f"LUN {cfg.lun} mapped twice")
             seen.add(cfg.lun)
             target.luns.append(cfg)
+        names = [lun.name for lun in target.luns]
+        for j, lun in enumerate(target.luns):
+            if names.index(lun.name) != j:
+                raise self.fail(path + ["lun", j, "name"], f"device name {lun.name!r} used twice")
+        target.default_access = self._get(table, path + ["default_access"], bool, True)
+        if "chap" in table:
+            target.chap = self.chap(table["chap"], path + ["chap"])
+        for j, group in enumerate(self._list(table, "group", path)):
+            target.groups.append(self.group(group, path + ["group", j], set(names)))
         return target
+
+    def chap(self, table: Any, path: list[str | int]) -> ChapConfig:
+        from .iscsi.chap import load_secret
+        self._known(table, path, {"user", "secret", "mutual_user", "mutual_secret", "algorithms"})
+        secrets: dict[str, bytes] = {}
+        for key in ("secret", "mutual_secret"):
+            if key in table:
+                try:
+                    secrets[key] = load_secret(self._get(table, path + [key], str))
+                except ValueError as exc:
+                    raise self.fail(path + [key], str(exc)) from None
+        if "secret" not in secrets:
+            raise self.fail(path + ["secret"], "required key is missing")
+        if ("mutual_user" in table) != ("mutual_secret" in table):
+            raise self.fail(path + ["mutual_user"], "mutual CHAP needs both mutual_user and mutual_secret")
+        algorithms = tuple(self._get(table, path + ["algorithms"], list, [8, 7, 6, 5]))
+        if not algorithms or any(a not in (5, 6, 7, 8) for a in algorithms):
+            raise self.fail(path + ["algorithms"], "expected CHAP_A values among 5 (MD5), 6 (SHA-1), "
+                                                   "7 (SHA-256), 8 (SHA3-256)")
+        return ChapConfig(user=self._get(table, path + ["user"], str), secret=secrets["secret"],
+                          mutual_user=table.get("mutual_user"), mutual_secret=secrets.get("mutual_secret"),
+                          algorithms=algorithms)
+
+    def group(self, table: Any, path: list[str | int], devices: set[str]) -> GroupConfig:
+        self._known(table, path, {"name", "initiators", "addresses", "chap", "luns"})
+        initiators = self._get(table, path + ["initiators"], list)
+        if not initiators or not all(isinstance(i, str) and i for i in initiators):
+            raise self.fail(path + ["initiators"], "expected a non-empty list of initiator names or patterns")
+        addresses = self._get(table, path + ["addresses"], list, [])
+
+        for address in addresses:
+            try:
+                ipaddress.ip_network(str(address), strict=False)
+            except ValueError:
+                raise self.fail(path + ["addresses"], f"{address!r} is not an address or CIDR range") from None
+        group = GroupConfig(name=self._get(table, path + ["name"], str, f"group{path[-1]}"),
+                            initiators=list(initiators), addresses=[str(a) for a in addresses])
+        if "chap" in table:
+            group.chap = self.chap(table["chap"], path + ["chap"])
+        if "luns" in table:
+            group.luns = []
+            seen: set[int] = set()
+            for k, entry in enumerate(self._get(table, path + ["luns"], list)):
+                where = path + ["luns", k]
+                self._known(entry, where, {"lun", "device", "read_only"})
+                number = self._int(entry, where + ["lun"], None, 0, 16383)
+                device = self._get(entry, where + ["device"], str)
+                if device not in devices:
+                    raise self.fail(where + ["device"], f"no [[target.lun]] named {device!r} "
+                                                        f"(known: {', '.join(sorted(devices))})")
+                if number in seen:
+                    raise self.fail(where + ["lun"], f"LUN {number} mapped twice in this group")
+                seen.add(number)
+                group.luns.append(GroupLun(number, device, self._get(entry, where + ["read_only"], bool, False)))
+        return group
 
     def iscsi(self, table: dict[str, Any], path: list[str | int]) -> IscsiSettings:
         s = IscsiSettings()
@@ -236,7 +336,7 @@ class _Checker:
 
     def lun(self, table: dict[str, Any], path: list[str | int], target: str) -> LunConfig:
         self._known(table, path, {"lun", "emulator", "command", "params", "read_only", "serial", "naa",
-                                  "vendor", "product", "revision", "command_timeout"})
+                                  "vendor", "product", "revision", "command_timeout", "name"})
         number = self._int(table, path + ["lun"], None, 0, 16383)
         emulator = table.get("emulator")
         command = table.get("command")
@@ -274,7 +374,8 @@ class _Checker:
                          serial=str(serial)[:32], naa=naa,
                          vendor=str(table.get("vendor", "TRIOSCSI"))[:8],
                          product=str(table.get("product", f"{emulator}"))[:16],
-                         revision=str(table.get("revision", "0001"))[:4], command_timeout=float(timeout))
+                         revision=str(table.get("revision", "0001"))[:4], command_timeout=float(timeout),
+                         name=str(self._get(table, path + ["name"], str, f"lun{number}")))
 
     # ---- small typed accessors -------------------------------------------------------------------------------
 

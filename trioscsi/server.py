@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Config, LunConfig, TargetConfig
+from .core.access import AccessControl, InitiatorGroup, LunMapping
 from .core.lu import LogicalUnit, LuOptions
 from .core.target import ScsiTarget
 from .emu.supervisor import Emulator, EmulatorSpec
@@ -33,16 +34,23 @@ class Server:
 
     def build(self) -> None:
         exported = [ExportedTarget(t, self._target(t)) for t in self.config.targets]
-        self.iscsi = IscsiService(exported, self.config.portals)
+        self.iscsi = IscsiService(exported, self.config.portals, discovery_chap=self.config.discovery_chap)
 
     def _target(self, config: TargetConfig) -> ScsiTarget:
-        return ScsiTarget(config.name, {lun.lun: self._logical_unit(config, lun) for lun in config.luns})
+        devices = {lun.name: (lun, self._logical_unit(config, lun)) for lun in config.luns}
+        default = {lun.lun: LunMapping(lu, lun.read_only) for lun, lu in devices.values()}
+        groups = [InitiatorGroup(g.name, g.initiators, g.addresses,
+                                 None if g.luns is None else
+                                 {m.lun: LunMapping(devices[m.device][1], m.read_only or devices[m.device][0].read_only)
+                                  for m in g.luns})
+                  for g in config.groups]
+        return ScsiTarget(config.name, AccessControl(default, groups, config.default_access))
 
     def _logical_unit(self, target: TargetConfig, lun: LunConfig) -> LogicalUnit:
         name = f"{target.name.rsplit(':', 1)[-1]}/lun{lun.lun}"
         params = dict(lun.params)
         if lun.read_only:
-            params["read_only"] = True
+            params["read_only"] = True      # read-only for everyone: the emulator reports WP itself
         identity = {"naa": lun.naa, "serial": lun.serial, "vendor": lun.vendor, "product": lun.product,
                     "revision": lun.revision}
         emulator = Emulator(EmulatorSpec(name=name, argv=lun.argv, params=params, identity=identity,

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from ..emu.supervisor import Emulator, EmulatorLost
-from ..scsi.opcodes import CommandSpec, DeviceType, Direction, lookup
+from ..scsi.opcodes import CommandSpec, DeviceType, lookup
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from . import identity
 from .nexus import Command, Nexus, Response
@@ -24,6 +24,18 @@ log = logging.getLogger("trioscsi.core")
 
 RESERVE_6, RELEASE_6, RESERVE_10, RELEASE_10 = 0x16, 0x17, 0x56, 0x57
 REQUEST_SENSE = 0x03
+
+
+_MODE_SENSE_WP_BYTE = {0x1A: 2, 0x5A: 3}    # MODE SENSE(6/10): device-specific parameter byte
+
+
+def _set_write_protect(data: bytes | memoryview, index: int) -> bytes | memoryview:
+    """Report WP in a mode parameter header when this view maps the LU read-only."""
+    if len(data) <= index:
+        return data
+    patched = bytearray(data)
+    patched[index] |= 0x80
+    return bytes(patched)
 
 
 class TaskAborted(Exception):
@@ -71,11 +83,12 @@ class LogicalUnit:
 
     async def execute(self, cmd: Command, *, read_only: bool = False) -> Response:
         spec = lookup(self.device_type, cmd.cdb[0])
+        read_only = read_only or self.options.read_only
         try:
             return (self._unit_attention(cmd, spec)
                     or self._spc2_reservation(cmd, spec)
-                    or self._write_protect(cmd, spec, read_only or self.options.read_only)
-                    or await self._run_in_emulator(cmd, spec))
+                    or self._write_protect(spec, read_only)
+                    or await self._run_in_emulator(cmd, spec, read_only))
         except CheckCondition as cc:
             return Response(Status.CHECK_CONDITION, cc.sense())
 
@@ -105,13 +118,12 @@ class LogicalUnit:
             return Response(Status.RESERVATION_CONFLICT)
         return None
 
-    def _write_protect(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response | None:
-        if read_only and spec.pr_class == "write" and spec.direction in (Direction.WRITE, Direction.NONE) \
-                and cmd.cdb[0] not in (0x35, 0x91, 0x1B):
+    def _write_protect(self, spec: CommandSpec, read_only: bool) -> Response | None:
+        if read_only and spec.writes_medium:
             raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
         return None
 
-    async def _run_in_emulator(self, cmd: Command, spec: CommandSpec) -> Response:
+    async def _run_in_emulator(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
         task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time()
                                                          + self.options.command_timeout))
         self.tasks.add(task)
@@ -125,6 +137,8 @@ class LogicalUnit:
                 if splice and result.status == Status.GOOD:
                     allocation = int.from_bytes(cmd.cdb[3:5], "big")
                     data = identity.complete_page(data, cmd.nexus, min(allocation, cmd.xfer))
+                if read_only and result.status == Status.GOOD and cmd.cdb[0] in _MODE_SENSE_WP_BYTE:
+                    data = _set_write_protect(data, _MODE_SENSE_WP_BYTE[cmd.cdb[0]])
                 if len(data) > cmd.xfer:
                     data = memoryview(data)[:cmd.xfer]
                 return Response(result.status, result.sense, data)

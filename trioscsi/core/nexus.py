@@ -18,6 +18,7 @@ class Nexus:
     initiator_name: str
     relative_port: int = 1
     transport_id: bytes = b""
+    initiator_address: str = ""
 
 
 class TaskAttribute(IntEnum):

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from ..scsi.opcodes import DeviceType
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
+from .access import AccessControl, LunMapping
 from .lu import LogicalUnit, TaskAborted
 from .nexus import Command, Nexus, Response, TmfResponse, encode_lun
 
@@ -31,13 +32,22 @@ class TmfFunction:
 
 
 class ScsiTarget:
-    def __init__(self, name: str, luns: Mapping[int, LogicalUnit]) -> None:
+    def __init__(self, name: str, access: AccessControl | Mapping[int, LogicalUnit]) -> None:
         self.name = name
-        self.luns = dict(luns)
+        if not isinstance(access, AccessControl):
+            access = AccessControl({n: LunMapping(lu) for n, lu in access.items()})
+        self.access = access
 
-    def lun_map(self, nexus: Nexus) -> Mapping[int, LogicalUnit]:
-        """The LUNs this nexus may see (initiator groups refine this later)."""
-        return self.luns
+    @property
+    def logical_units(self) -> list[LogicalUnit]:
+        return self.access.logical_units()
+
+    def may_use(self, initiator_name: str, address: str) -> bool:
+        return self.access.resolve(initiator_name, address)[1] is not None
+
+    def lun_map(self, nexus: Nexus) -> Mapping[int, LunMapping]:
+        """The LUNs this nexus may see, from its initiator group (or the default map)."""
+        return self.access.resolve(nexus.initiator_name, nexus.initiator_address)[1] or {}
 
     async def execute(self, cmd: Command) -> Response:
         """Run one command through the pipeline; raises TaskAborted when task management ended it."""
@@ -46,19 +56,18 @@ class ScsiTarget:
                 raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB,
                                      field=(len(cmd.cdb) - 1, 2))
             luns = self.lun_map(cmd.nexus)
+            mapping = luns.get(cmd.lun)
             if cmd.cdb[0] == REPORT_LUNS:
-                lu = luns.get(cmd.lun)
-                if lu is not None:
-                    lu.unit_attentions.clear(cmd.nexus, Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
+                if mapping is not None:
+                    mapping.lu.unit_attentions.clear(cmd.nexus, Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
                 return self._report_luns(cmd, luns)
-            lu = luns.get(cmd.lun)
-            if lu is None:
+            if mapping is None:
                 return self._missing_lun(cmd)
-            return await lu.execute(cmd)
+            return await mapping.lu.execute(cmd, read_only=mapping.read_only)
         except CheckCondition as cc:
             return Response(Status.CHECK_CONDITION, cc.sense())
 
-    def _report_luns(self, cmd: Command, luns: Mapping[int, LogicalUnit]) -> Response:
+    def _report_luns(self, cmd: Command, luns: Mapping[int, LunMapping]) -> Response:
         select = cmd.cdb[2]
         if select not in (0x00, 0x02, 0x10, 0x11, 0x12):
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB, field=(2, None))
@@ -96,12 +105,13 @@ class ScsiTarget:
         """Perform a task management function; returns only when every affected command has ended."""
         luns = self.lun_map(nexus)
         if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            for lu in luns.values():
-                await lu.reset()
+            for mapping in luns.values():
+                await mapping.lu.reset()
             return TmfResponse.FUNCTION_COMPLETE
         if function == TmfFunction.TASK_REASSIGN:
             return TmfResponse.REASSIGNMENT_NOT_SUPPORTED
-        lu = luns.get(lun)
+        mapping = luns.get(lun)
+        lu = mapping.lu if mapping is not None else None
         if function not in (TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
                             TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.CLEAR_ACA):
             return TmfResponse.FUNCTION_NOT_SUPPORTED
@@ -124,7 +134,7 @@ class ScsiTarget:
         return TmfResponse.FUNCTION_COMPLETE
 
     def nexus_lost(self, nexus: Nexus) -> None:
-        for lu in self.luns.values():
+        for lu in self.logical_units:
             lu.nexus_lost(nexus)
 
 

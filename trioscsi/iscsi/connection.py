@@ -40,10 +40,11 @@ class ConnectionClosed(Exception):
 
 
 class Connection(StatusStamp):
-    def __init__(self, service: IscsiService, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, service: IscsiService, stream: trio.SocketStream, peer: str, address: str = "") -> None:
         self.service = service
         self.stream = stream
         self.peer = peer
+        self.address = address
         self.reader = PduReader()
         self.header_digest = False
         self.data_digest = False
@@ -152,7 +153,8 @@ class Connection(StatusStamp):
     # ---- login --------------------------------------------------------------------------------------------------
 
     async def _login(self) -> None:
-        machine = LoginMachine(self.service, expcmdsn_window=1)
+        from .portal import ConnectionLogin
+        machine = LoginMachine(ConnectionLogin(self.service, self.address), expcmdsn_window=1)
 
         def on_login_pdu(pdu: Any) -> bool:
             if not isinstance(pdu, LoginRequest):
@@ -326,9 +328,10 @@ class Connection(StatusStamp):
         """What the CDB asked to transfer, for residual overflow (None when the opcode table cannot say)."""
         assert session.target is not None
         pdu = task.command
-        lu = session.target.lun_map(session.nexus).get(decode_lun(pdu.lun) or 0)
-        if lu is None:
+        mapping = session.target.lun_map(session.nexus).get(decode_lun(pdu.lun) or 0)
+        if mapping is None:
             return None
+        lu = mapping.lu
         spec = lookup(lu.device_type, pdu.cdb[0])
         info = lu.emulator.info
         if spec.length is None or info is None:

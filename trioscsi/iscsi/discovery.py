@@ -67,14 +67,16 @@ class TextResponder:
         """SendTargets=All lists every target (discovery sessions only); a name or empty lists one."""
         session = connection.session
         assert session is not None
+        visible = {t.config.name for t in self.service.visible_targets(session.initiator_name,
+                                                                         connection.address)}
         if value == "All":
             if not session.is_discovery:
                 return [("SendTargets", "Reject")]
-            names = list(self.service.targets)
+            names = [name for name in self.service.targets if name in visible]
         elif value == "":
             names = [session.target_name] if session.target_name else []
         else:
-            names = [value] if value in self.service.targets else []
+            names = [value] if value in visible else []
         local = connection.stream.socket.getsockname()
         pairs: list[tuple[str, str]] = []
         for name in names:

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .chap import ChapAuthenticator
 from .negotiation import LoginStatus, NegotiationError, Negotiator, SessionParams, TargetSettings, encode_text, \
     parse_text
 from .pdu import LoginRequest, LoginResponse
@@ -57,6 +58,10 @@ class LoginContext(Protocol):
     def bind_session(self, outcome: LoginOutcome) -> int:
         """Create, reinstate or join the session; return its TSIH (raise LoginFailed to refuse)."""
 
+    def authenticator(self, target_name: str | None, initiator_name: str,
+                      session_type: str) -> ChapAuthenticator | None:
+        """A fresh CHAP authenticator for this login, or None when the target requires no authentication."""
+
 
 @dataclass
 class LoginMachine:
@@ -67,6 +72,7 @@ class LoginMachine:
     outcome: LoginOutcome | None = None
     _first: LoginRequest | None = None
     _negotiator: Negotiator | None = None
+    _auth: ChapAuthenticator | None = None
     _pending_text: bytearray = field(default_factory=bytearray)
     _statsn: int = 0
 
@@ -144,8 +150,12 @@ class LoginMachine:
                 raise LoginFailed(LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"session type {session_type!r}")
             settings = self.context.target_settings(target if session_type == "Normal" else None, initiator,
                                                     session_type)
+            self._auth = self.context.authenticator(target if session_type == "Normal" else None, initiator,
+                                                    session_type)
+            if self._auth is not None and self.stage != SECURITY:
+                self._auth.require_authenticated()     # the security stage may not be skipped
             assert self._first is not None
-            self._negotiator = Negotiator(settings, leading=self._first.tsih == 0)
+            self._negotiator = Negotiator(settings, leading=self._first.tsih == 0, auth=self._auth)
         answer += self._negotiator.respond(pairs, stage=self.stage)
         if self.stage == OPERATIONAL:
             answer += self._negotiator.target_declarations(stage=OPERATIONAL)
@@ -154,7 +164,7 @@ class LoginMachine:
     def _may_leave_stage(self) -> bool:
         assert self._negotiator is not None
         if self.stage == SECURITY:
-            return True
+            return self._auth is None or self._auth.may_leave_security(self._negotiator.params.auth_method)
         return self._negotiator.complete
 
     def _finish(self, request: LoginRequest) -> None:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import trio
 
-from ..config import TargetConfig
+from ..config import ChapConfig, TargetConfig
 from ..core.target import ScsiTarget
 from .connection import Connection
 from .discovery import TextResponder
+from .chap import ChapAuthenticator, ChapCredentials, ChapPolicy
 from .login import LoginFailed, LoginOutcome
 from .negotiation import LoginStatus, TargetSettings
 from .pdu import TextRequest, TextResponse
@@ -32,7 +33,9 @@ class ExportedTarget:
 
 
 class IscsiService:
-    def __init__(self, targets: list[ExportedTarget], portals: list[tuple[str, int]]) -> None:
+    def __init__(self, targets: list[ExportedTarget], portals: list[tuple[str, int]], *,
+                 discovery_chap: ChapConfig | None = None) -> None:
+        self.discovery_chap = _policy(discovery_chap)
         self.targets = {t.config.name: t for t in targets}
         self.portals = portals
         self.registry = SessionRegistry()
@@ -72,45 +75,90 @@ class IscsiService:
                         continue
                     raise
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = _format_address(*stream.socket.getpeername()[:2])
-                connections.start_soon(Connection(self, stream, peer).run)
+                host, port = stream.socket.getpeername()[:2]
+                connections.start_soon(Connection(self, stream, _format_address(host, port), host).run)
 
     async def start_session(self, session: Session) -> None:
         assert self._sessions is not None
         await self._sessions.start(session.run)
 
-    # ---- LoginContext ----------------------------------------------------------------------------------------
+    # ---- login decisions --------------------------------------------------------------------------------
+
+    def visible_targets(self, initiator_name: str, address: str) -> list[ExportedTarget]:
+        """The targets this initiator may log in to (and so may discover)."""
+        return [t for t in self.targets.values() if t.scsi.may_use(initiator_name, address)]
+
+    def chap_policy(self, target_name: str | None, initiator_name: str, address: str) -> ChapPolicy | None:
+        """CHAP for this login: the discovery policy, or the initiator group's, or the target's."""
+        if target_name is None:
+            return self.discovery_chap
+        exported = self.targets[target_name]
+        group, _ = exported.scsi.access.resolve(initiator_name, address)
+        group_chap = {g.name: g.chap for g in exported.config.groups}.get(group.name) if group else None
+        return _policy(group_chap or exported.config.chap)
+
+    def text_response(self, connection: Connection, request: TextRequest) -> TextResponse:
+        return self.text.respond(connection, request)
+
+
+class ConnectionLogin:
+    """The LoginContext of one connection: the service's decisions, for this initiator address."""
+
+    def __init__(self, service: IscsiService, address: str) -> None:
+        self.service = service
+        self.address = address
 
     def target_settings(self, target_name: str | None, initiator_name: str, session_type: str) -> TargetSettings:
+        service = self.service
         if target_name is None:
-            return TargetSettings()
-        exported = self.targets.get(target_name)
-        if exported is None:
-            raise LoginFailed(LoginStatus.NOT_FOUND, f"{initiator_name} asked for unknown target {target_name}")
+            policy = service.discovery_chap
+            return TargetSettings(auth_methods=policy.auth_methods if policy else ("None",))
+        exported = service.targets.get(target_name)
+        if exported is None or not exported.scsi.may_use(initiator_name, self.address):
+            # The same answer whether the target is hidden or absent: no hint that it exists.
+            log.warning("login refused: %s from %s may not use %s%s", initiator_name, self.address, target_name,
+                        "" if exported else " (no such target)")
+            raise LoginFailed(LoginStatus.AUTHORIZATION_FAILURE, f"{initiator_name} may not use {target_name}")
         s = exported.config.iscsi
+        policy = service.chap_policy(target_name, initiator_name, self.address)
         return TargetSettings(max_recv_data_segment_length=s.max_recv_data_segment_length,
                               max_burst_length=s.max_burst_length, first_burst_length=s.first_burst_length,
                               initial_r2t=s.initial_r2t, immediate_data=s.immediate_data,
                               max_outstanding_r2t=s.max_outstanding_r2t, header_digests=s.header_digest,
                               data_digests=s.data_digest, default_time2wait=s.default_time2wait,
                               default_time2retain=s.default_time2retain, target_alias=exported.config.alias,
-                              target_portal_group_tag=exported.config.tpgt)
+                              target_portal_group_tag=exported.config.tpgt,
+                              auth_methods=policy.auth_methods if policy else ("None",))
+
+    def authenticator(self, target_name: str | None, initiator_name: str,
+                      session_type: str) -> ChapAuthenticator | None:
+        policy = self.service.chap_policy(target_name, initiator_name, self.address)
+        return ChapAuthenticator(policy) if policy is not None and policy.required else None
 
     def bind_session(self, outcome: LoginOutcome) -> int:
-        exported = self.targets.get(outcome.target_name or "")
+        service = self.service
+        exported = service.targets.get(outcome.target_name or "")
         if outcome.session_type == "Normal" and exported is None:
-            raise LoginFailed(LoginStatus.NOT_FOUND, f"unknown target {outcome.target_name}")
+            raise LoginFailed(LoginStatus.AUTHORIZATION_FAILURE, f"unknown target {outcome.target_name}")
 
         def make(tsih: int) -> Session:
             return Session(tsih, outcome, exported.scsi if exported else None,
                            exported.config.tpgt if exported else 1,
-                           exported.config.queue_depth if exported else 1, cmdsn=outcome.cmdsn)
-        session = self.registry.bind(outcome, make=make)
+                           exported.config.queue_depth if exported else 1, cmdsn=outcome.cmdsn,
+                           address=self.address)
+        session = service.registry.bind(outcome, make=make)
         outcome.session = session
         return session.tsih
 
-    def text_response(self, connection: Connection, request: TextRequest) -> TextResponse:
-        return self.text.respond(connection, request)
+
+def _policy(chap: ChapConfig | None) -> ChapPolicy | None:
+    if chap is None:
+        return None
+    outgoing = ChapCredentials(chap.mutual_user, chap.mutual_secret) \
+        if chap.mutual_user and chap.mutual_secret else None
+    return ChapPolicy(incoming=ChapCredentials(chap.user, chap.secret), outgoing=outgoing,
+                      algorithms=chap.algorithms)
+
 
 
 async def _listen(host: str, port: int) -> list[trio.socket.SocketType]:

@@ -29,7 +29,7 @@ log = logging.getLogger("trioscsi.iscsi.session")
 
 class Session:
     def __init__(self, tsih: int, outcome: LoginOutcome, target: ScsiTarget | None, tpgt: int,
-                 queue_depth: int, cmdsn: int, relative_port: int = 1) -> None:
+                 queue_depth: int, cmdsn: int, relative_port: int = 1, address: str = "") -> None:
         self.tsih = tsih
         self.isid = outcome.isid
         self.initiator_name = outcome.initiator_name
@@ -39,7 +39,8 @@ class Session:
         self.target = target
         self.nexus = Nexus(initiator_port=f"{outcome.initiator_name},i,0x{outcome.isid.hex()}",
                            target_port=f"{outcome.target_name},t,0x{tpgt:04x}",
-                           initiator_name=outcome.initiator_name, relative_port=relative_port)
+                           initiator_name=outcome.initiator_name, relative_port=relative_port,
+                           initiator_address=address)
         self.window: CmdSnWindow[Any] = CmdSnWindow(cmdsn, queue_depth)
         self.connections: set[Connection] = set()
         self.commands: trio.Nursery | None = None

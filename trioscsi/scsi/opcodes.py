@@ -43,6 +43,7 @@ class CommandSpec:
     retry_safe: bool = True             # may be resent to a restarted emulator without changing the outcome
     # Reservation conflict class (SPC-4 5.13 table 48): "read", "write", "none" (allowed for everyone), "other".
     pr_class: str = "other"
+    writes_medium: bool = False         # refused on a write-protected mapping (DATA PROTECT, 27/00)
 
 
 def _u8(i: int) -> LengthFn:
@@ -104,35 +105,35 @@ SPC: dict[int, CommandSpec] = {
 }
 
 SBC: dict[int, CommandSpec] = {
-    0x04: CommandSpec("FORMAT UNIT", OUT, retry_safe=False, pr_class="write"),
+    0x04: CommandSpec("FORMAT UNIT", OUT, retry_safe=False, pr_class="write", writes_medium=True),
     0x08: CommandSpec("READ(6)", IN, _blocks6, pr_class="read"),
-    0x0A: CommandSpec("WRITE(6)", OUT, _blocks6, pr_class="write"),
+    0x0A: CommandSpec("WRITE(6)", OUT, _blocks6, pr_class="write", writes_medium=True),
     0x1B: CommandSpec("START STOP UNIT", NONE, pr_class="write"),
     0x25: CommandSpec("READ CAPACITY(10)", IN, lambda cdb, bs: 8, pr_class="none"),
     0x28: CommandSpec("READ(10)", IN, _blocks(_u16(7)), pr_class="read"),
-    0x2A: CommandSpec("WRITE(10)", OUT, _blocks(_u16(7)), pr_class="write"),
-    0x2E: CommandSpec("WRITE AND VERIFY(10)", OUT, _blocks(_u16(7)), pr_class="write"),
+    0x2A: CommandSpec("WRITE(10)", OUT, _blocks(_u16(7)), pr_class="write", writes_medium=True),
+    0x2E: CommandSpec("WRITE AND VERIFY(10)", OUT, _blocks(_u16(7)), pr_class="write", writes_medium=True),
     0x2F: CommandSpec("VERIFY(10)", OUT, pr_class="read"),
     0x34: CommandSpec("PRE-FETCH(10)", NONE, pr_class="read"),
     0x35: CommandSpec("SYNCHRONIZE CACHE(10)", NONE, pr_class="write"),
     0x37: CommandSpec("READ DEFECT DATA(10)", IN, _u16(7), pr_class="read"),
-    0x41: CommandSpec("WRITE SAME(10)", OUT, pr_class="write"),
-    0x42: CommandSpec("UNMAP", OUT, _u16(7), pr_class="write"),
-    0x48: CommandSpec("SANITIZE", OUT, _u16(7), retry_safe=False, pr_class="write"),
+    0x41: CommandSpec("WRITE SAME(10)", OUT, pr_class="write", writes_medium=True),
+    0x42: CommandSpec("UNMAP", OUT, _u16(7), pr_class="write", writes_medium=True),
+    0x48: CommandSpec("SANITIZE", OUT, _u16(7), retry_safe=False, pr_class="write", writes_medium=True),
     0x88: CommandSpec("READ(16)", IN, _blocks(_u32(10)), pr_class="read"),
     0x89: CommandSpec("COMPARE AND WRITE", OUT, lambda cdb, bs: cdb[13] * 2 * bs, retry_safe=False,
-                      pr_class="write"),
-    0x8A: CommandSpec("WRITE(16)", OUT, _blocks(_u32(10)), pr_class="write"),
-    0x8B: CommandSpec("ORWRITE(16)", OUT, _blocks(_u32(10)), retry_safe=False, pr_class="write"),
-    0x8E: CommandSpec("WRITE AND VERIFY(16)", OUT, _blocks(_u32(10)), pr_class="write"),
+                      pr_class="write", writes_medium=True),
+    0x8A: CommandSpec("WRITE(16)", OUT, _blocks(_u32(10)), pr_class="write", writes_medium=True),
+    0x8B: CommandSpec("ORWRITE(16)", OUT, _blocks(_u32(10)), retry_safe=False, pr_class="write", writes_medium=True),
+    0x8E: CommandSpec("WRITE AND VERIFY(16)", OUT, _blocks(_u32(10)), pr_class="write", writes_medium=True),
     0x8F: CommandSpec("VERIFY(16)", OUT, pr_class="read"),
     0x90: CommandSpec("PRE-FETCH(16)", NONE, pr_class="read"),
     0x91: CommandSpec("SYNCHRONIZE CACHE(16)", NONE, pr_class="write"),
-    0x93: CommandSpec("WRITE SAME(16)", OUT, pr_class="write"),
-    0x9C: CommandSpec("WRITE ATOMIC(16)", OUT, _blocks(_u16(12)), pr_class="write"),
+    0x93: CommandSpec("WRITE SAME(16)", OUT, pr_class="write", writes_medium=True),
+    0x9C: CommandSpec("WRITE ATOMIC(16)", OUT, _blocks(_u16(12)), pr_class="write", writes_medium=True),
     0xA8: CommandSpec("READ(12)", IN, _blocks(_u32(6)), pr_class="read"),
-    0xAA: CommandSpec("WRITE(12)", OUT, _blocks(_u32(6)), pr_class="write"),
-    0xAE: CommandSpec("WRITE AND VERIFY(12)", OUT, _blocks(_u32(6)), pr_class="write"),
+    0xAA: CommandSpec("WRITE(12)", OUT, _blocks(_u32(6)), pr_class="write", writes_medium=True),
+    0xAE: CommandSpec("WRITE AND VERIFY(12)", OUT, _blocks(_u32(6)), pr_class="write", writes_medium=True),
     0xAF: CommandSpec("VERIFY(12)", OUT, pr_class="read"),
     0xB7: CommandSpec("READ DEFECT DATA(12)", IN, _u32(6), pr_class="read"),
 }
