@@ -261,3 +261,29 @@ async def test_groups_see_their_own_luns_and_read_only_refuses_writes(tmp_path: 
             await nursery.start(ini.run)
             assert await ini.text({"SendTargets": "All"}) == []
             nursery.cancel_scope.cancel()
+
+
+def prout(action: int, key: int = 0, sa_key: int = 0, ptype: int = 0, aptpl: bool = False) -> tuple[bytes, bytes]:
+    params = struct.pack(">QQ4xBxxx", key, sa_key, 0x01 if aptpl else 0)
+    return struct.pack(">BBBxxIx", 0x5F, action, ptype, len(params)), params
+
+
+async def test_persistent_reservation_blocks_other_initiator_and_survives_restart(tmp_path: object) -> None:
+    async with running_server(tmp_path) as (_, port):
+        async with session(port, name="iqn.2026-11.org.example:one") as one, \
+                session(port, name="iqn.2026-11.org.example:two") as two:
+            await first_command(one)
+            await first_command(two)
+            cdb, params = prout(0x00, sa_key=0xABC, aptpl=True)                   # REGISTER, APTPL
+            assert (await one.scsi(cdb, write=params)).status == 0
+            cdb, params = prout(0x01, key=0xABC, ptype=0x1)                       # RESERVE, Write Exclusive
+            assert (await one.scsi(cdb, write=params)).status == 0
+            assert (await two.scsi(write10(0, 1), write=bytes(512))).status == 0x18
+            assert (await two.scsi(read10(0, 1), read=512)).status == 0           # reads are allowed
+            assert (await one.scsi(write10(0, 1), write=bytes(512))).status == 0
+    async with running_server(tmp_path) as (_, port), session(port, name="iqn.2026-11.org.example:two") as two:
+        await first_command(two)
+        keys = await two.scsi(bytes([0x5E, 0x01, 0, 0, 0, 0, 0, 0x10, 0, 0]), read=4096)   # READ RESERVATION
+        assert keys.status == 0 and struct.unpack_from(">Q", keys.data, 8)[0] == 0xABC
+        assert keys.data[21] & 0x0F == 0x1
+        assert (await two.scsi(write10(0, 1), write=bytes(512))).status == 0x18

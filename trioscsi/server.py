@@ -56,8 +56,11 @@ class Server:
         emulator = Emulator(EmulatorSpec(name=name, argv=lun.argv, params=params, identity=identity,
                                          cwd=self.state_dir))
         self.emulators.append(emulator)
+        reservation_file = os.path.join(self.state_dir, "reservations",
+                                        f"{target.name.replace(':', '_')}-lun{lun.lun}.pr")
         return LogicalUnit(name, emulator, LuOptions(command_timeout=lun.command_timeout,
-                                                     read_only=lun.read_only))
+                                                     read_only=lun.read_only,
+                                                     reservation_file=reservation_file))
 
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -1,7 +1,8 @@
 """A logical unit: the emulator that executes its CDBs, and the state the core keeps for it.
 
 The pipeline for one command (after the target mapped the LUN) is a list of small steps, in order:
-unit attention -> SPC-2 reservation -> write protection -> emulator with a deadline.  Each step either
+unit attention -> reservations (SPC-2 and persistent; the core answers RESERVE/RELEASE and PR IN/OUT itself)
+-> write protection -> emulator with a deadline.  Each step either
 returns None (go on) or raises `CheckCondition` / returns a `Response` that ends the command.
 """
 from __future__ import annotations
@@ -16,13 +17,15 @@ import trio
 from ..emu.supervisor import Emulator, EmulatorLost
 from ..scsi.opcodes import CommandSpec, DeviceType, lookup
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
-from . import identity
+from . import identity, pr_store
 from .nexus import Command, Nexus, Response
+from .reservations import Conflict, Reservations
 from .unit_attention import UnitAttentions
 
 log = logging.getLogger("trioscsi.core")
 
 RESERVE_6, RELEASE_6, RESERVE_10, RELEASE_10 = 0x16, 0x17, 0x56, 0x57
+PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 REQUEST_SENSE = 0x03
 
 
@@ -36,6 +39,9 @@ def _set_write_protect(data: bytes | memoryview, index: int) -> bytes | memoryvi
     patched = bytearray(data)
     patched[index] |= 0x80
     return bytes(patched)
+
+
+_PERSIST_LIMITER = trio.CapacityLimiter(1)
 
 
 class TaskAborted(Exception):
@@ -55,6 +61,7 @@ class Task:
 class LuOptions:
     command_timeout: float = 30.0
     read_only: bool = False
+    reservation_file: str | None = None     # where APTPL persistent reservations are kept
 
 
 class LogicalUnit:
@@ -63,7 +70,9 @@ class LogicalUnit:
         self.emulator = emulator
         self.options = options or LuOptions()
         self.unit_attentions = UnitAttentions()
-        self.spc2_holder: Nexus | None = None
+        path = self.options.reservation_file
+        self.reservations = Reservations(pr_store.load(path) if path else None, aptpl_capable=path is not None)
+        self._persist_lock = trio.Lock()
         self.tasks: set[Task] = set()
         emulator.on_event = self._on_emulator_event
 
@@ -86,9 +95,12 @@ class LogicalUnit:
         read_only = read_only or self.options.read_only
         try:
             return (self._unit_attention(cmd, spec)
-                    or self._spc2_reservation(cmd, spec)
+                    or self._reservation_conflict(cmd, spec)
+                    or await self._reservation_command(cmd)
                     or self._write_protect(spec, read_only)
                     or await self._run_in_emulator(cmd, spec, read_only))
+        except Conflict:
+            return Response(Status.RESERVATION_CONFLICT)
         except CheckCondition as cc:
             return Response(Status.CHECK_CONDITION, cc.sense())
 
@@ -103,20 +115,40 @@ class LogicalUnit:
             return Response(Status.GOOD, data=sense[:cmd.xfer])
         return Response(Status.CHECK_CONDITION, sense)
 
-    def _spc2_reservation(self, cmd: Command, spec: CommandSpec) -> Response | None:
+    def _reservation_conflict(self, cmd: Command, spec: CommandSpec) -> None:
+        """Raises Conflict for a command another nexus's reservation forbids; it never reaches the emulator."""
+        self.reservations.check(cmd.nexus, cmd.cdb, spec.pr_class_of(cmd.cdb))
+
+    async def _reservation_command(self, cmd: Command) -> Response | None:
+        """RESERVE/RELEASE and PERSISTENT RESERVE IN/OUT belong to the core (state shared by every nexus)."""
         op = cmd.cdb[0]
+        if op not in (RESERVE_6, RESERVE_10, RELEASE_6, RELEASE_10, PERSISTENT_RESERVE_IN,
+                      PERSISTENT_RESERVE_OUT):
+            return None
+        before = self.reservations.state
+        if op == PERSISTENT_RESERVE_IN:
+            return Response(Status.GOOD, data=self.reservations.persistent_reserve_in(cmd.nexus, cmd.cdb, cmd.xfer))
         if op in (RESERVE_6, RESERVE_10):
-            if self.spc2_holder not in (None, cmd.nexus):
-                return Response(Status.RESERVATION_CONFLICT)
-            self.spc2_holder = cmd.nexus
-            return Response(Status.GOOD)
-        if op in (RELEASE_6, RELEASE_10):
-            if self.spc2_holder == cmd.nexus:
-                self.spc2_holder = None
-            return Response(Status.GOOD)
-        if self.spc2_holder not in (None, cmd.nexus) and spec.pr_class != "none":
-            return Response(Status.RESERVATION_CONFLICT)
-        return None
+            self.reservations.reserve6(cmd.nexus, cmd.cdb)
+        elif op in (RELEASE_6, RELEASE_10):
+            self.reservations.release6(cmd.nexus)
+        else:
+            effects = self.reservations.persistent_reserve_out(cmd.nexus, cmd.cdb, bytes(cmd.data_out))
+            for nexus, asc in effects.attentions_for(self.unit_attentions.nexuses()):
+                self.unit_attentions.raise_for(nexus, asc)
+            await self.abort([t for t in self.tasks if effects.aborts(t.nexus)])
+        if self.reservations.state is not before:
+            await self._persist()
+        return Response(Status.GOOD)
+
+    async def _persist(self) -> None:
+        """Write the reservation state (APTPL) before the command that changed it answers GOOD."""
+        path = self.options.reservation_file
+        if path is None:
+            return
+        async with self._persist_lock:
+            await trio.to_thread.run_sync(pr_store.persist, path, self.reservations.state,
+                                          limiter=_PERSIST_LIMITER)
 
     def _write_protect(self, spec: CommandSpec, read_only: bool) -> Response | None:
         if read_only and spec.writes_medium:
@@ -171,10 +203,9 @@ class LogicalUnit:
     async def reset(self) -> None:
         """LOGICAL UNIT RESET: abort every task, drop the SPC-2 reservation, tell every nexus."""
         await self.abort(list(self.tasks))
-        self.spc2_holder = None
+        self.reservations.reset()
         self.unit_attentions.raise_all(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     def nexus_lost(self, nexus: Nexus) -> None:
-        if self.spc2_holder == nexus:
-            self.spc2_holder = None
+        self.reservations.nexus_lost(nexus)
         self.unit_attentions.forget(nexus)

@@ -59,6 +59,7 @@ def save(path: PathLike, state: PrState) -> None:
     """Replace the file at `path` with `state`, atomically and durably."""
     target = Path(path)
     data = encode(state)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:

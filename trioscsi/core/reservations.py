@@ -2,7 +2,7 @@
 
 Strategy: the logical unit calls `check()` for every command before it reaches an emulator, and hands
 RESERVE/RELEASE (6 and 10), PERSISTENT RESERVE IN and PERSISTENT RESERVE OUT to this module's handlers
-(`check()` lets exactly those four through: their handlers decide).  The state is a `PrState` behind a
+(`check()` lets exactly those six opcodes through: their handlers decide).  The state is a `PrState` behind a
 `ReservationState` (see `pr_state.py`); every change happens in one `update()`, so a command that raises
 `Conflict` or `CheckCondition` changes nothing.  A PERSISTENT RESERVE OUT returns `Effects`: the unit
 attentions other I_T nexuses must get and, for PREEMPT AND ABORT, whose tasks the core must abort.  No I/O,
@@ -18,7 +18,8 @@ Rules (section numbers are SPC-4 r37):
   conflicts, whoever sends it (SPC-2 5.5.1).
 * Unit attentions never go to the I_T nexus that sent the command (libiscsi ProutReserve.Ownership*).
 * PRgeneration counts successful REGISTER, REGISTER AND IGNORE EXISTING KEY, CLEAR, PREEMPT, PREEMPT AND
-  ABORT and REGISTER AND MOVE that changed something (6.16.2); RESERVE and RELEASE leave it alone.
+  ABORT and REGISTER AND MOVE (6.16.2), except a zero-key REGISTER from an unregistered I_T nexus, which does
+  nothing; RESERVE and RELEASE leave it alone.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ INVALID_RELEASE_OF_PERSISTENT_RESERVATION = 0x2604   # ILLEGAL REQUEST (SPC-4 5.
 # REPORT CAPABILITIES ALLOW COMMANDS 011b: TEST UNIT READY passes WE and EA reservations, and MODE SENSE,
 # READ BUFFER, RECEIVE DIAGNOSTIC RESULTS, REPORT SUPPORTED OPERATION CODES ... pass WE reservations.
 ALLOW_COMMANDS = 0b011
+PR_TYPES = frozenset(PrType)
 TYPE_MASK = 0x8000 | 0x4000 | 0x2000 | 0x0800 | 0x0200 | 0x0001    # all six types (SPC-4 table 198)
 
 
@@ -79,8 +81,10 @@ class Conflict(Exception):
 class Effects:
     """What a state change means for the other I_T nexuses.
 
-    `unit_attentions`: (whom, ASC<<8|ASCQ) pairs; `abort_nexuses`: whose tasks PREEMPT AND ABORT aborts (the
-    PERSISTENT RESERVE OUT task itself excepted).  Neither ever applies to `origin`'s own unit attentions.
+    `unit_attentions`: (whom, ASC<<8|ASCQ) pairs, never delivered to `origin`, the I_T nexus that sent the
+    command (`attentions_for` skips it).  `abort_nexuses`: whose tasks PREEMPT AND ABORT aborts; it names the
+    sender too when the sender's key was the one preempted, and the PERSISTENT RESERVE OUT task itself
+    must be spared.
     """
     unit_attentions: list[tuple[PortRef, int]] = field(default_factory=list)
     abort_nexuses: list[PortRef] = field(default_factory=list)
@@ -154,9 +158,10 @@ class _Params:
             if length != 24:
                 raise _length_error()
             return params
-        if length < 28 or 28 + struct.unpack_from(">I", data, 24)[0] > length:
+        tid_len = struct.unpack_from(">I", data, 24)[0] if length >= 28 else length
+        if 28 + tid_len > length:
             raise _length_error()
-        return replace(params, transport_ids=data[28:28 + struct.unpack_from(">I", data, 24)[0]])
+        return replace(params, transport_ids=data[28:28 + tid_len])
 
 
 class Reservations:
@@ -323,7 +328,7 @@ class Reservations:
                       ProutAction.REGISTER_AND_MOVE):
             if scope != LU_SCOPE:
                 raise _invalid_cdb(2, 7)
-            if ptype not in set(PrType):
+            if ptype not in PR_TYPES:
                 raise _invalid_cdb(2, 3)
         length = int.from_bytes(cdb[5:9], "big")
         p = _Params.parse(action, bytes(params[:length]), length)
@@ -412,7 +417,8 @@ class Reservations:
             raise _invalid_param("REGISTER AND MOVE to the I_T nexus that sent it")
         dest = replace(dest, key=p.sa_key) if dest is not None else Registration(p.sa_key, port, rel, tid)
         st.add(dest)
-        st.type, st.scope, st.holder = ptype, scope, dest.id
+        st.type, st.scope = ptype, scope
+        st.holder = None if ptype in ALL_REGISTRANTS else dest.id
         if p.unreg:
             del st.registrations[reg.id]
         st.aptpl = p.aptpl

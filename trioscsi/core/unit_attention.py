@@ -46,6 +46,9 @@ class UnitAttentions:
             if nexus != except_for:
                 self.raise_for(nexus, asc)
 
+    def nexuses(self) -> list[Nexus]:
+        return list(self._queues)
+
     def forget(self, nexus: Nexus) -> None:
         """The nexus is gone (session ended); a later one with the same name starts afresh."""
         self._queues.pop(nexus, None)

@@ -32,6 +32,7 @@ class DeviceType:
 
 
 LengthFn = Callable[[bytes, int], int]   # (cdb, block_size) -> bytes the CDB asks to transfer
+PrRule = Callable[[bytes], str]          # cdb -> reservation conflict class, for opcodes that depend on fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,10 @@ class CommandSpec:
     # Reservation conflict class (SPC-4 5.13 table 48): "read", "write", "none" (allowed for everyone), "other".
     pr_class: str = "other"
     writes_medium: bool = False         # refused on a write-protected mapping (DATA PROTECT, 27/00)
+    pr_rule: PrRule | None = None       # overrides pr_class when the class depends on the CDB
+
+    def pr_class_of(self, cdb: bytes) -> str:
+        return self.pr_rule(cdb) if self.pr_rule is not None else self.pr_class
 
 
 def _u8(i: int) -> LengthFn:
@@ -66,6 +71,10 @@ def _blocks(fn: LengthFn) -> LengthFn:
     return lambda cdb, bs: fn(cdb, bs) * bs
 
 
+def _by_service_action(default: str, classes: dict[int, str]) -> PrRule:
+    return lambda cdb: classes.get(cdb[1] & 0x1F, default) if len(cdb) > 1 else default
+
+
 def _blocks6(cdb: bytes, bs: int) -> int:
     n = cdb[4] if len(cdb) > 4 else 0
     return (n or 256) * bs
@@ -74,20 +83,21 @@ def _blocks6(cdb: bytes, bs: int) -> int:
 IN, OUT, NONE = Direction.READ, Direction.WRITE, Direction.NONE
 
 SPC: dict[int, CommandSpec] = {
-    0x00: CommandSpec("TEST UNIT READY", NONE, pr_class="read"),
+    0x00: CommandSpec("TEST UNIT READY", NONE, pr_class="none"),
     0x03: CommandSpec("REQUEST SENSE", IN, _u8(4), ua_exempt=True, pr_class="none"),
     0x12: CommandSpec("INQUIRY", IN, _u16(3), ua_exempt=True, pr_class="none"),
     0x15: CommandSpec("MODE SELECT(6)", OUT, _u8(4), retry_safe=True),
     0x16: CommandSpec("RESERVE(6)", NONE, pr_class="none"),
     0x17: CommandSpec("RELEASE(6)", NONE, pr_class="none"),
     0x1A: CommandSpec("MODE SENSE(6)", IN, _u8(4), pr_class="read"),
-    0x1C: CommandSpec("RECEIVE DIAGNOSTIC RESULTS", IN, _u16(3)),
+    0x1C: CommandSpec("RECEIVE DIAGNOSTIC RESULTS", IN, _u16(3), pr_class="read"),
     0x1D: CommandSpec("SEND DIAGNOSTIC", OUT, _u16(3)),
-    0x1E: CommandSpec("PREVENT ALLOW MEDIUM REMOVAL", NONE),
+    0x1E: CommandSpec("PREVENT ALLOW MEDIUM REMOVAL", NONE,
+                      pr_rule=lambda c: "none" if len(c) > 4 and c[4] & 3 == 0 else "write"),
     0x3B: CommandSpec("WRITE BUFFER", OUT, _u24(6)),
-    0x3C: CommandSpec("READ BUFFER", IN, _u24(6)),
+    0x3C: CommandSpec("READ BUFFER", IN, _u24(6), pr_class="read"),
     0x4C: CommandSpec("LOG SELECT", OUT, _u16(7)),
-    0x4D: CommandSpec("LOG SENSE", IN, _u16(7), pr_class="read"),
+    0x4D: CommandSpec("LOG SENSE", IN, _u16(7), pr_class="none"),
     0x55: CommandSpec("MODE SELECT(10)", OUT, _u16(7)),
     0x56: CommandSpec("RESERVE(10)", NONE, pr_class="none"),
     0x57: CommandSpec("RELEASE(10)", NONE, pr_class="none"),
@@ -95,12 +105,15 @@ SPC: dict[int, CommandSpec] = {
     0x5E: CommandSpec("PERSISTENT RESERVE IN", IN, _u16(7), pr_class="none"),
     0x5F: CommandSpec("PERSISTENT RESERVE OUT", OUT, _u32(5), pr_class="none"),
     0x83: CommandSpec("EXTENDED COPY", OUT, _u32(10), retry_safe=False, pr_class="write"),
-    0x84: CommandSpec("RECEIVE COPY RESULTS", IN, _u32(10)),
+    0x84: CommandSpec("RECEIVE COPY RESULTS", IN, _u32(10), pr_class="read"),
     0xA0: CommandSpec("REPORT LUNS", IN, _u32(6), ua_exempt=True, pr_class="none"),
-    0xA3: CommandSpec("MAINTENANCE IN", IN, _u32(6), pr_class="none"),
+    0xA3: CommandSpec("MAINTENANCE IN", IN, _u32(6), pr_class="none",
+                      pr_rule=_by_service_action("none", {0x0C: "read", 0x0D: "read", 0x10: "read"})),
     0xA4: CommandSpec("MAINTENANCE OUT", OUT, _u32(6)),
-    0xAB: CommandSpec("SERVICE ACTION IN(12)", IN, _u32(6)),
-    0x9E: CommandSpec("SERVICE ACTION IN(16)", IN, _u32(10), pr_class="read"),
+    0xAB: CommandSpec("SERVICE ACTION IN(12)", IN, _u32(6),
+                      pr_rule=_by_service_action("read", {0x01: "none"})),
+    0x9E: CommandSpec("SERVICE ACTION IN(16)", IN, _u32(10), pr_class="read",
+                      pr_rule=_by_service_action("read", {0x10: "none"})),
     0x9F: CommandSpec("SERVICE ACTION OUT(16)", OUT, _u32(10)),
 }
 
@@ -108,7 +121,8 @@ SBC: dict[int, CommandSpec] = {
     0x04: CommandSpec("FORMAT UNIT", OUT, retry_safe=False, pr_class="write", writes_medium=True),
     0x08: CommandSpec("READ(6)", IN, _blocks6, pr_class="read"),
     0x0A: CommandSpec("WRITE(6)", OUT, _blocks6, pr_class="write", writes_medium=True),
-    0x1B: CommandSpec("START STOP UNIT", NONE, pr_class="write"),
+    0x1B: CommandSpec("START STOP UNIT", NONE, pr_class="write",
+                      pr_rule=lambda c: "none" if len(c) > 4 and c[4] & 0xF1 == 0x01 else "write"),
     0x25: CommandSpec("READ CAPACITY(10)", IN, lambda cdb, bs: 8, pr_class="none"),
     0x28: CommandSpec("READ(10)", IN, _blocks(_u16(7)), pr_class="read"),
     0x2A: CommandSpec("WRITE(10)", OUT, _blocks(_u16(7)), pr_class="write", writes_medium=True),
