@@ -98,6 +98,7 @@ class LogicalUnit:
                     or self._reservation_conflict(cmd, spec)
                     or await self._reservation_command(cmd)
                     or self._write_protect(spec, read_only)
+                    or self._transfer_limit(cmd, spec)
                     or await self._run_in_emulator(cmd, spec, read_only))
         except Conflict:
             return Response(Status.RESERVATION_CONFLICT)
@@ -154,6 +155,21 @@ class LogicalUnit:
         if read_only and spec.writes_medium:
             raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
         return None
+
+    def _transfer_limit(self, cmd: Command, spec: CommandSpec) -> None:
+        """SBC-4: a transfer beyond the device's maximum is INVALID FIELD IN CDB (it could not cross the wire)."""
+        info = self.emulator.info
+        if info is None:
+            return
+        limit = info.max_transfer
+        wanted = 0
+        if spec.length is not None:
+            try:
+                wanted = spec.length(cmd.cdb, (info.capacity or {}).get("block_size", 512))
+            except (IndexError, ValueError):
+                wanted = 0
+        if len(cmd.data_out) > limit or min(wanted, cmd.xfer) > limit:
+            raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
 
     async def _run_in_emulator(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
         task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time()

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from .wire import FrameDecoder, WireError, encode
+from .wire import MAX_FRAME, FrameDecoder, encode
 
 log = logging.getLogger("trioscsi.emulator")
 
@@ -75,6 +75,13 @@ class DeviceInfo:
     capacity: dict[str, int] | None
     features: list[str]
     max_inflight: int
+    max_frame: int = MAX_FRAME
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_transfer(self) -> int:
+        """The largest data buffer one frame can carry, leaving room for the rest of the map."""
+        return self.max_frame - 4096
 
 
 class _Incarnation:
@@ -192,8 +199,8 @@ class Emulator:
             try:
                 await self._run_incarnation(task_status if not started else None)
                 started = True
-            except (OSError, WireError, trio.BrokenResourceError, trio.TooSlowError, _HandshakeError) as exc:
-                log.error("%s: emulator failed: %s", self.spec.name, exc)
+            except Exception as exc:   # noqa: BLE001 - whatever ended this incarnation, the next one starts
+                log.error("%s: emulator incarnation failed: %s", self.spec.name, _reason(exc))
             if self.info is not None and not started:
                 started = True
             if trio.current_time() - began > 10:
@@ -259,7 +266,8 @@ class Emulator:
                 raise _HandshakeError(f"emulator chose unsupported version {message.get('version')!r}")
             info = DeviceInfo(int(message["device_type"]), dict(message.get("identity") or {}),
                               message.get("capacity"), list(message.get("features") or []),
-                              int(message.get("max_inflight") or 64))
+                              int(message.get("max_inflight") or 64),
+                              min(int(message.get("max_frame") or MAX_FRAME), MAX_FRAME), message)
             log.info("%s: emulator ready: device type 0x%02x, %s", self.spec.name, info.device_type,
                      info.capacity or "no capacity")
             return info
@@ -339,6 +347,12 @@ class Emulator:
 
 class _HandshakeError(Exception):
     pass
+
+
+def _reason(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _reap(proc: trio.Process) -> None:
