@@ -6,6 +6,10 @@ behind a command, and hands ``cmd`` to a few worker threads through a SimpleQueu
 through one locked FrameWriter. When nothing is in flight and the device calls a command quick (a small
 READ/WRITE on a page-cached file), the reader runs it inline: a thread hand-off costs more than the command.
 
+Ops the runner does not know (the media control of protocol §10: ``load``, ``unload``, ``restore``) go to the
+device's ``control(msg)`` when it has one, through the same queue as commands, so they keep their order relative to
+commands on a one-worker device; whatever map ``control`` returns is sent back as one frame.
+
 Invariants: each ``cmd`` gets exactly one ``done``. A command is *pending* from its read until a worker starts it;
 ``abort`` removes a pending command and answers it ``aborted``; a started command always runs to its normal end.
 The pending map is touched only under ``_lock``, so the worker and ``abort`` never both answer one command.
@@ -71,6 +75,29 @@ class Dispatcher:
             self._busy += 1
         self._queue.put(job)
 
+    def submit_control(self, msg: dict[str, Any]) -> None:
+        """Queue a control message behind the commands already submitted (inline when there are no workers)."""
+        if not self._threads:
+            self.run_control(msg)
+            return
+        with self._lock:
+            self._busy += 1
+        self._queue.put(msg)
+
+    def run_control(self, msg: dict[str, Any]) -> None:
+        try:
+            reply = self.device.control(msg)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            tag = msg.get("tag")
+            reply = {"op": "done", "tag": tag, "status": CHECK_CONDITION, "message": str(exc)} \
+                if isinstance(tag, int) else None
+        if reply is not None:
+            try:
+                self.writer.send(reply)
+            except OSError as exc:
+                print(f"emulator: cannot answer {msg.get('op')}: {exc}", file=sys.stderr)
+
     def abort(self, tag: int) -> None:
         with self._lock:
             job = self._pending.pop(tag, None)
@@ -98,6 +125,13 @@ class Dispatcher:
             job = self._queue.get()
             if job is None:
                 return
+            if job.__class__ is dict:
+                try:
+                    self.run_control(job)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+                continue
             with self._lock:
                 started = self._pending.get(job[0]) is job
                 if started:
@@ -237,6 +271,8 @@ def _loop(reader: FrameReader, writer: FrameWriter, dispatcher: Dispatcher, fail
         elif op == "error":
             print(f"emulator: core reported a protocol error: {msg.get('message')}", file=sys.stderr)
             return 1
+        elif getattr(dispatcher.device, "control", None) is not None:
+            dispatcher.submit_control(msg)
         else:
             print(f"emulator: ignoring unknown op {op!r}", file=sys.stderr)
 
