@@ -13,6 +13,11 @@ from .server import Server, serve_until_signalled
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["emulator", "check"]:
+        # The checker has its own option parser (emulator command lines follow `--`).
+        from .emu.checker import main as check_main
+        return check_main(argv[2:])
     parser = argparse.ArgumentParser(prog="trioscsi", description="A SCSI target in user space.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the target")
@@ -22,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--state-dir", help="images and persistent state (default: ./state)")
     serve.add_argument("--log-level", default=os.environ.get("TRIOSCSI_LOG", "info"),
                        choices=["debug", "info", "warning", "error"])
+    commands.add_parser("emulator", help="emulator tools: `trioscsi emulator check -- COMMAND ARGS...` "
+                                         "runs the protocol checker against an emulator")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
     args = parser.parse_args(argv)
