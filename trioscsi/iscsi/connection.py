@@ -55,11 +55,12 @@ class Connection(StatusStamp):
         self.tasks: dict[int, IscsiTask] = {}
         self._out: list[Any] = []
         self._out_ready = trio.Event()
+        self._drained = trio.Event()
         self._scope = trio.CancelScope()
         self._ttt = 0
         self._ping_ttt: int | None = None
         self._ping_answered = trio.Event()
-        self._logged_out = False
+        self._logout: LogoutRequest | None = None
 
     # ---- lifetime --------------------------------------------------------------------------------------------
 
@@ -73,6 +74,8 @@ class Connection(StatusStamp):
                     if self.session is not None:
                         nursery.start_soon(self._ping_loop)
                         await self._receive_loop(self._dispatch)
+                        if self._logout is not None:
+                            await self._complete_logout(self._logout)
                     await self._flush()
                     nursery.cancel_scope.cancel()
             except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
@@ -126,29 +129,29 @@ class Connection(StatusStamp):
     async def _send_loop(self) -> None:
         sock = self.stream.socket
         while True:
-            await self._out_ready.wait()
+            if not self._out:
+                self._drained.set()
+                await self._out_ready.wait()
             self._out_ready = trio.Event()
+            self._drained = trio.Event()
             buffers, self._out = self._out, []
             while buffers:
                 batch = buffers[:IOV_MAX]
                 sent = await sock.sendmsg(batch)
                 total = 0
                 for count, buf in enumerate(batch):
-                    size = len(buf)
+                    size = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
                     if total + size > sent:
-                        buffers = [memoryview(buf)[sent - total:]] + buffers[count + 1:]
+                        buffers = [memoryview(buf).cast("B")[sent - total:]] + buffers[count + 1:]
                         break
                     total += size
                 else:
                     buffers = buffers[len(batch):]
-            if not self._out:
-                self._flushed.set() if hasattr(self, "_flushed") else None
 
     async def _flush(self) -> None:
         """Wait until everything queued so far is on the wire (before closing after a logout or failed login)."""
-        while self._out or self._out_ready.is_set():
-            await trio.sleep(0.001)
-        await trio.sleep(0)
+        while self._out or not self._drained.is_set():
+            await self._drained.wait()
 
     # ---- login --------------------------------------------------------------------------------------------------
 
@@ -366,16 +369,25 @@ class Connection(StatusStamp):
         self._sequence(pdu, lambda item: self.queue(self.service.text_response(self, item)))
 
     def _on_logout(self, pdu: LogoutRequest) -> bool:
-        statsn, expcmdsn, maxcmdsn = self.status()
-        response = 0 if pdu.reason in (0, 1) else 2 if pdu.reason == 2 else 3
-        self.queue(LogoutResponse(response=response, itt=pdu.itt, statsn=statsn, expcmdsn=expcmdsn,
-                                  maxcmdsn=maxcmdsn, time2wait=0, time2retain=0))
+        """Stop reading; `run` completes the logout once the session's commands have ended."""
+        self._logout = pdu
+        return True
+
+    async def _complete_logout(self, pdu: LogoutRequest) -> None:
+        """RFC 7143 11.14: answer only after every command of what is closing has ended, so a reservation
+        or registration the nexus held is already released when the initiator sees the answer."""
+        session = self.session
+        assert session is not None
+        response = 0 if pdu.reason in (0, 1) else 2   # reason 2 (remove for recovery) needs ERL 2
         if response == 0:
             log.info("%s: logout (%s)", self.peer, "close session" if pdu.reason == 0 else "close connection")
-            if pdu.reason == 0 and self.session is not None:
-                self.service.registry.remove(self.session)
-            return True
-        return False
+            self.service.registry.remove(session)
+            session.close(keep=self)
+            with trio.move_on_after(self.service.logout_grace):
+                await session.ended.wait()
+        statsn, expcmdsn, maxcmdsn = self.status()
+        self.queue(LogoutResponse(response=response, itt=pdu.itt, statsn=statsn, expcmdsn=expcmdsn,
+                                  maxcmdsn=maxcmdsn, time2wait=0, time2retain=0))
 
     def _on_snack(self, pdu: SnackRequest) -> None:
         self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])

@@ -43,6 +43,7 @@ class IscsiService:
         self.login_timeout = max((t.config.iscsi.login_timeout for t in targets), default=15.0)
         self.nop_interval = min((t.config.iscsi.nop_interval for t in targets), default=30.0)
         self.nop_timeout = max((t.config.iscsi.nop_timeout for t in targets), default=30.0)
+        self.logout_grace = 10.0    # how long a logout waits for the session's commands to end
         self._sessions: trio.Nursery | None = None
         self.text = TextResponder(self)
 

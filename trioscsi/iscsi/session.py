@@ -45,6 +45,7 @@ class Session:
         self.connections: set[Connection] = set()
         self.commands: trio.Nursery | None = None
         self._closed = trio.Event()
+        self.ended = trio.Event()
 
     @property
     def is_discovery(self) -> bool:
@@ -60,13 +61,15 @@ class Session:
         finally:
             if self.target is not None:
                 self.target.nexus_lost(self.nexus)
+            self.ended.set()
             log.info("session %s (TSIH %d) ended", self.nexus.initiator_port, self.tsih)
 
-    def close(self) -> None:
-        """End the session: its commands are aborted and its connections closed."""
+    def close(self, keep: Connection | None = None) -> None:
+        """End the session: its commands are aborted and its connections (but `keep`) closed."""
         self._closed.set()
         for connection in list(self.connections):
-            connection.close()
+            if connection is not keep:
+                connection.close()
 
     @property
     def closed(self) -> bool:
