@@ -128,6 +128,7 @@ class Library:
             e.volume, e.source = Volume(cart["barcode"], cart["path"]), (e.address if e.kind in (ST, IE) else None)
         for e in elements:
             if e.volume and create and not os.path.exists(e.volume.path):
+                os.makedirs(os.path.dirname(os.path.abspath(e.volume.path)), exist_ok=True)
                 create_cartridge(e.volume.path, e.volume.barcode, capacity)
         if saved is None:
             self.save()

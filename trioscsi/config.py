@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 3260
-BUILTIN_EMULATORS = ("vdisk", "null")
+BUILTIN_EMULATORS = ("vdisk", "null", "vtape", "vchanger")
 
 DEFAULT_CONFIG = """\
 # The embedded default: one demo target on loopback with a 1 GiB sparse disk and a null device.
@@ -36,6 +36,28 @@ alias = "trioscsi demo"
   lun = 1
   emulator = "null"
   params = { size = 1073741824, block_size = 512 }
+
+# A tape library: two drives and a changer holding ten cartridges (created on first start under the state
+# dir). Drives and changer are shared safely: reservations are enforced by the core.
+[[target]]
+name = "iqn.2026-11.org.trioscsi:library"
+alias = "trioscsi tape library"
+
+  [[target.lun]]
+  lun = 0
+  emulator = "vchanger"
+  serial = "LIBRARY0001"
+  params = { slots = 16, ie_slots = 2, media_dir = "tapes", state = "tapes/library.state.json", capacity = 1073741824, drives = [ { serial = "DRIVE0001", lun = 1 }, { serial = "DRIVE0002", lun = 2 } ], cartridges = [ { barcode = "TRIO01L6", path = "TRIO01L6.img" }, { barcode = "TRIO02L6", path = "TRIO02L6.img" }, { barcode = "TRIO03L6", path = "TRIO03L6.img" }, { barcode = "TRIO04L6", path = "TRIO04L6.img" }, { barcode = "TRIO05L6", path = "TRIO05L6.img" }, { barcode = "TRIO06L6", path = "TRIO06L6.img" }, { barcode = "TRIO07L6", path = "TRIO07L6.img" }, { barcode = "TRIO08L6", path = "TRIO08L6.img" }, { barcode = "TRIO09L6", path = "TRIO09L6.img" }, { barcode = "TRIO10L6", path = "TRIO10L6.img" } ] }
+
+  [[target.lun]]
+  lun = 1
+  emulator = "vtape"
+  serial = "DRIVE0001"
+
+  [[target.lun]]
+  lun = 2
+  emulator = "vtape"
+  serial = "DRIVE0002"
 """
 
 
@@ -103,6 +125,7 @@ class LunConfig:
     revision: str = "0001"
     command_timeout: float = 30.0
     name: str = ""
+    serialize: bool | None = None
 
 
 @dataclass
@@ -336,7 +359,7 @@ class _Checker:
 
     def lun(self, table: dict[str, Any], path: list[str | int], target: str) -> LunConfig:
         self._known(table, path, {"lun", "emulator", "command", "params", "read_only", "serial", "naa",
-                                  "vendor", "product", "revision", "command_timeout", "name"})
+                                  "vendor", "product", "revision", "command_timeout", "name", "serialize"})
         number = self._int(table, path + ["lun"], None, 0, 16383)
         emulator = table.get("emulator")
         command = table.get("command")
@@ -375,7 +398,8 @@ class _Checker:
                          vendor=str(table.get("vendor", "TRIOSCSI"))[:8],
                          product=str(table.get("product", f"{emulator}"))[:16],
                          revision=str(table.get("revision", "0001"))[:4], command_timeout=float(timeout),
-                         name=str(self._get(table, path + ["name"], str, f"lun{number}")))
+                         name=str(self._get(table, path + ["name"], str, f"lun{number}")),
+                         serialize=self._get(table, path + ["serialize"], bool, None))
 
     # ---- small typed accessors -------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from .iscsi.portal import ExportedTarget, IscsiService
 log = logging.getLogger("trioscsi")
 
 SHUTDOWN_GRACE = 5.0
+STARTUP_WAIT = 20.0
 
 
 @dataclass
@@ -30,14 +31,17 @@ class Server:
     config: Config
     state_dir: str
     emulators: list[Emulator] = field(default_factory=list)
+    _lus: dict[str, list[LogicalUnit]] = field(default_factory=dict)
     iscsi: IscsiService | None = None
 
     def build(self) -> None:
         exported = [ExportedTarget(t, self._target(t)) for t in self.config.targets]
+        self._wire_drives(exported)
         self.iscsi = IscsiService(exported, self.config.portals, discovery_chap=self.config.discovery_chap)
 
     def _target(self, config: TargetConfig) -> ScsiTarget:
         devices = {lun.name: (lun, self._logical_unit(config, lun)) for lun in config.luns}
+        self._lus[config.name] = [lu for _, lu in devices.values()]
         default = {lun.lun: LunMapping(lu, lun.read_only) for lun, lu in devices.values()}
         groups = [InitiatorGroup(g.name, g.initiators, g.addresses,
                                  None if g.luns is None else
@@ -45,6 +49,15 @@ class Server:
                                   for m in g.luns})
                   for g in config.groups]
         return ScsiTarget(config.name, AccessControl(default, groups, config.default_access))
+
+    def _wire_drives(self, exported: list[ExportedTarget]) -> None:
+        """Let a changer find its drives: by the drive's serial anywhere, else by LUN in its own target."""
+        by_serial = {lun.serial: lu for t in exported for lun, lu in zip(t.config.luns, self._lus[t.config.name])}
+        for t in exported:
+            by_lun = {lun.lun: lu for lun, lu in zip(t.config.luns, self._lus[t.config.name])}
+            for lu in self._lus[t.config.name]:
+                lu.resolve_drive = (lambda serial, number, by_lun=by_lun:
+                                    by_serial.get(serial or "") or by_lun.get(number if number is not None else -1))
 
     def _logical_unit(self, target: TargetConfig, lun: LunConfig) -> LogicalUnit:
         name = f"{target.name.rsplit(':', 1)[-1]}/lun{lun.lun}"
@@ -60,7 +73,8 @@ class Server:
                                         f"{target.name.replace(':', '_')}-lun{lun.lun}.pr")
         return LogicalUnit(name, emulator, LuOptions(command_timeout=lun.command_timeout,
                                                      read_only=lun.read_only,
-                                                     reservation_file=reservation_file))
+                                                     reservation_file=reservation_file,
+                                                     serialize=lun.serialize))
 
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -70,9 +84,22 @@ class Server:
         assert self.iscsi is not None
         async with trio.open_nursery() as nursery:
             for emulator in self.emulators:
-                await nursery.start(emulator.run)
+                nursery.start_soon(emulator.run)
+            await self._wait_for_emulators()
             bound = await nursery.start(self.iscsi.serve)
             task_status.started(bound)
+
+    async def _wait_for_emulators(self) -> None:
+        """Give every emulator a chance to come up before the portals open; a broken one must not keep the
+        others from being served (its LU answers NOT READY until it works)."""
+        with trio.move_on_after(STARTUP_WAIT):
+            async with trio.open_nursery() as waiting:
+                for emulator in self.emulators:
+                    waiting.start_soon(emulator.wait_ready)
+        for emulator in self.emulators:
+            if emulator.info is None:
+                log.error("%s: emulator not ready after %.0f s; serving the other LUs meanwhile",
+                          emulator.spec.name, STARTUP_WAIT)
 
 
 async def serve_until_signalled(server: Server) -> None:

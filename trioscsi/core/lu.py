@@ -8,13 +8,13 @@ returns None (go on) or raises `CheckCondition` / returns a `Response` that ends
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ..emu.supervisor import Emulator, EmulatorLost
+from ..emu.supervisor import DeviceInfo, Emulator, EmulatorLost, EmulatorUnavailable
 from ..scsi.opcodes import CommandSpec, DeviceType, lookup
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from . import identity, pr_store
@@ -62,6 +62,8 @@ class LuOptions:
     command_timeout: float = 30.0
     read_only: bool = False
     reservation_file: str | None = None     # where APTPL persistent reservations are kept
+    serialize: bool | None = None           # one command at a time (default: yes for tapes and changers)
+    move_timeout: float = 60.0              # how long a MOVE MEDIUM waits for the drive to load or unload
 
 
 class LogicalUnit:
@@ -74,14 +76,76 @@ class LogicalUnit:
         self.reservations = Reservations(pr_store.load(path) if path else None, aptpl_capable=path is not None)
         self._persist_lock = trio.Lock()
         self.tasks: set[Task] = set()
+        self._one_at_a_time = trio.Lock()
+        # Removable media (docs/emulator-protocol.md 10): the drive's last reported position, kept here so a
+        # restarted drive emulator is put back exactly where the initiator believes the tape is.
+        self.medium: dict[str, Any] | None = None
+        self.resolve_drive: Callable[[str | None, int | None], LogicalUnit | None] = lambda serial, lun: None
+        self._moves_in_flight: list[Any] = []
         emulator.on_event = self._on_emulator_event
+        emulator.on_ready = self._on_emulator_ready
 
     @property
     def device_type(self) -> int:
         info = self.emulator.info
         return info.device_type if info is not None else DeviceType.DISK
 
+    @property
+    def block_size(self) -> int:
+        """The block size the parse step multiplies transfer counts by (a tape's comes from its mode)."""
+        if self.medium is not None and self.device_type == DeviceType.TAPE:
+            return int(self.medium.get("block_size") or 0)
+        info = self.emulator.info
+        return int(((info.capacity if info else None) or {}).get("block_size", 512))
+
+    def _on_emulator_ready(self, info: DeviceInfo) -> list[dict[str, Any]]:
+        """Control messages for a new emulator incarnation: restore a drive, or reconcile a changer's drives."""
+        if "changer" in info.features:
+            for drive in info.ready.get("drives") or []:
+                lu = self.resolve_drive(drive.get("serial"), drive.get("lun"))
+                if lu is not None and (lu.medium or {}).get("path") != drive.get("path"):
+                    lu.change_medium(drive.get("path"))
+            return []
+        if "removable" not in info.features:
+            return []
+        if self.medium is None:
+            self.medium = info.ready.get("medium")
+            return []
+        log.info("%s: restoring the drive to %s", self.name, self.medium)
+        return [{"op": "restore", "path": self.medium.get("path"), "object": self.medium.get("object", 0),
+                 "loaded": bool(self.medium.get("loaded")), "block_size": self.medium.get("block_size", 0)}]
+
+    def change_medium(self, path: str | None) -> Any:
+        """Load `path` into this drive (None: unload). Returns the pending control message, or None when the
+        emulator is down (the new state is then applied by `restore` when it is back)."""
+        block_size = (self.medium or {}).get("block_size", 0)
+        self.medium = {"path": path, "object": 0, "loaded": path is not None, "block_size": block_size}
+        return self.emulator.send_control({"op": "load", "path": path} if path else {"op": "unload"})
+
+    def _relay_move(self, message: dict[str, Any]) -> None:
+        """A changer moved a cartridge into or out of a drive: tell the drive before MOVE MEDIUM completes."""
+        drive = self.resolve_drive(message.get("serial"), message.get("lun"))
+        if drive is None:
+            log.error("%s: move to unknown drive %s (LUN %s)", self.name, message.get("serial"), message.get("lun"))
+            return
+        pending = drive.change_medium(message.get("path") if message.get("action") == "load" else None)
+        if pending is not None:
+            self._moves_in_flight.append(pending)
+
+    async def _settle_moves(self) -> None:
+        moves, self._moves_in_flight = self._moves_in_flight, []
+        with trio.move_on_after(self.options.move_timeout):
+            for pending in moves:
+                await pending.done.wait()
+
     def _on_emulator_event(self, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if event == "position":
+            self.medium = {k: message.get(k) for k in ("path", "object", "loaded", "block_size")}
+            return
+        if event == "move":
+            self._relay_move(message)
+            return
         asc = {"capacity_changed": Asc.CAPACITY_DATA_HAS_CHANGED,
                "medium_changed": Asc.NOT_READY_TO_READY_CHANGE,
                "mode_changed": Asc.MODE_PARAMETERS_CHANGED}.get(str(message.get("event")))
@@ -165,13 +229,20 @@ class LogicalUnit:
         wanted = 0
         if spec.length is not None:
             try:
-                wanted = spec.length(cmd.cdb, (info.capacity or {}).get("block_size", 512))
+                wanted = spec.length(cmd.cdb, self.block_size)
             except (IndexError, ValueError):
                 wanted = 0
         if len(cmd.data_out) > limit or min(wanted, cmd.xfer) > limit:
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
 
     async def _run_in_emulator(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
+        if self.options.serialize or (self.options.serialize is None
+                                      and self.device_type in (DeviceType.TAPE, DeviceType.CHANGER)):
+            async with self._one_at_a_time:       # tape order matters: one command at a time per LU
+                return await self._run_task(cmd, spec, read_only)
+        return await self._run_task(cmd, spec, read_only)
+
+    async def _run_task(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
         task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time()
                                                          + self.options.command_timeout))
         self.tasks.add(task)
@@ -181,6 +252,8 @@ class LogicalUnit:
                 cdb, xfer = (identity.widen_allocation(cmd.cdb), 0xFFFF) if splice else (cmd.cdb, cmd.xfer)
                 result = await self.emulator.execute(cdb, cmd.data_out, xfer,
                                                      retry_safe=spec.retry_safe, attr=cmd.attr, lun=cmd.lun)
+                if self._moves_in_flight:
+                    await self._settle_moves()
                 data = result.data
                 if splice and result.status == Status.GOOD:
                     allocation = int.from_bytes(cmd.cdb[3:5], "big")
@@ -190,6 +263,8 @@ class LogicalUnit:
                 if len(data) > cmd.xfer:
                     data = memoryview(data)[:cmd.xfer]
                 return Response(result.status, result.sense, data)
+        except EmulatorUnavailable:
+            raise CheckCondition(SenseKey.NOT_READY, Asc.LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION) from None
         except EmulatorLost:
             log.warning("%s: %s lost with its emulator; initiator will retry", self.name, spec.name)
             raise CheckCondition(SenseKey.ABORTED_COMMAND, Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE) from None

@@ -44,6 +44,7 @@ class Result:
     sense: bytes = b""
     data: bytes = b""
     aborted: bool = False
+    message: dict[str, Any] | None = None     # the whole `done` map (control messages carry more keys)
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class EmulatorSpec:
     ping_interval: float = 5.0
     ping_timeout: float = 10.0
     abort_grace: float = 5.0
+    crash_loop_limit: int = 5          # consecutive short-lived incarnations before the LU reports NOT READY
 
 
 @dataclass
@@ -112,10 +114,12 @@ class Emulator:
         self.info: DeviceInfo | None = None
         self.restarts = 0
         self.retried_commands = 0
+        self.consecutive_failures = 0
         self._current: _Incarnation | None = None
         self._up = trio.Event()
         self._next_tag = 1
-        self._kill_requested = False
+        # Control messages (docs/emulator-protocol.md 10) a new incarnation gets before its first command.
+        self.on_ready: Callable[[DeviceInfo], list[dict[str, Any]]] = lambda info: []
 
     # ---- the core's side -------------------------------------------------------------------------------
 
@@ -124,10 +128,17 @@ class Emulator:
         assert self.info is not None
         return self.info
 
+    @property
+    def crash_looping(self) -> bool:
+        """The emulator keeps dying young: commands get NOT READY at once instead of waiting for it."""
+        return self.consecutive_failures >= self.spec.crash_loop_limit and not self._up.is_set()
+
     async def execute(self, cdb: bytes, data: bytes | memoryview = b"", xfer: int = 0, *,
                       retry_safe: bool = True, attr: int = 0, lun: int = 0) -> Result:
         """Run one command in the emulator; see the module docstring for the retry and abort rules."""
         while True:
+            if self.crash_looping:
+                raise EmulatorUnavailable(self.spec.name)
             await self._up.wait()
             inc = self._current
             assert inc is not None
@@ -162,6 +173,21 @@ class Emulator:
             if pending.lost:
                 return None
             return pending.result
+
+    def send_control(self, message: dict[str, Any]) -> _Pending | None:
+        """Queue a control message (load, unload, restore) now, ahead of any later command; None when the
+        emulator is not running (the caller keeps the state and `on_ready` applies it on restart)."""
+        inc = self._current
+        if inc is None or inc.dead or not self._up.is_set():
+            return None
+        return self._queue_control(inc, message)
+
+    def _queue_control(self, inc: _Incarnation, message: dict[str, Any]) -> _Pending:
+        tag = self._next_tag
+        self._next_tag = (tag + 1) & 0xFFFFFFFFFFFF
+        pending = inc.pending[tag] = _Pending()
+        inc.send(encode({**message, "tag": tag}))
+        return pending
 
     async def _abort(self, inc: _Incarnation, tag: int, pending: _Pending) -> None:
         """Tell the emulator to stop `tag` and wait until it has really ended (SCST's safe TMF semantics)."""
@@ -201,15 +227,20 @@ class Emulator:
                 started = True
             except Exception as exc:   # noqa: BLE001 - whatever ended this incarnation, the next one starts
                 log.error("%s: emulator incarnation failed: %s", self.spec.name, _reason(exc))
-            if self.info is not None and not started:
-                started = True
             if trio.current_time() - began > 10:
                 backoff = 0.1
+                self.consecutive_failures = 0
+            else:
+                self.consecutive_failures += 1
             self.restarts += 1
+            if self.consecutive_failures == self.spec.crash_loop_limit:
+                log.error("%s: emulator failed %d times in a row; the LU reports NOT READY until it stays up "
+                          "(still retrying every %.0f s; fix it or its parameters)", self.spec.name,
+                          self.consecutive_failures, 30.0)
             log.warning("%s: emulator exited; restarting in %.1f s (restart %d)", self.spec.name, backoff,
                         self.restarts)
             await trio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, 5.0 if self.consecutive_failures < self.spec.crash_loop_limit else 30.0)
 
     async def _run_incarnation(self, task_status: trio.TaskStatus[None] | None) -> None:
         proc = await trio.lowlevel.open_process(
@@ -226,12 +257,21 @@ class Emulator:
                 inc = _Incarnation(proc, info, decoder)
                 self.info = info
                 self._current = inc
+                reader_ended = trio.Event()
+                nursery.start_soon(self._writer, inc)
+                nursery.start_soon(self._read_until_eof, inc, reader_ended)
+                for message in self.on_ready(info):
+                    pending = self._queue_control(inc, message)
+                    with trio.fail_after(self.spec.ready_timeout):
+                        await pending.done.wait()
+                    if pending.result is None or pending.result.status:
+                        log.error("%s: %s refused: %s", self.spec.name, message.get("op"),
+                                  (pending.result.message or {}).get("message") if pending.result else "lost")
                 self._up.set()
                 if task_status is not None:
                     task_status.started()
-                nursery.start_soon(self._writer, inc)
                 nursery.start_soon(self._pinger, inc)
-                await self._reader(inc)       # returns at EOF
+                await reader_ended.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -272,6 +312,12 @@ class Emulator:
                      info.capacity or "no capacity")
             return info
 
+    async def _read_until_eof(self, inc: _Incarnation, ended: trio.Event) -> None:
+        try:
+            await self._reader(inc)
+        finally:
+            ended.set()
+
     async def _reader(self, inc: _Incarnation) -> None:
         stdout = inc.proc.stdout
         assert stdout is not None
@@ -291,7 +337,7 @@ class Emulator:
                     log.error("%s: 'done' for unknown tag %r", self.spec.name, message.get("tag"))
                     continue
                 pending.result = Result(message.get("status", 0), message.get("sense") or b"",
-                                        message.get("data") or b"", bool(message.get("aborted")))
+                                        message.get("data") or b"", bool(message.get("aborted")), message)
                 pending.done.set()
             elif op == "pong":
                 event = inc.pongs.pop(message.get("tag"), None)

@@ -336,12 +336,10 @@ class Connection(StatusStamp):
             return None
         lu = mapping.lu
         spec = lookup(lu.device_type, pdu.cdb[0])
-        info = lu.emulator.info
-        if spec.length is None or info is None:
+        if spec.length is None or lu.emulator.info is None:
             return None
-        block_size = (info.capacity or {}).get("block_size", 512)
         try:
-            return spec.length(bytes(pdu.cdb[:cdb_length(pdu.cdb)]), block_size)
+            return spec.length(bytes(pdu.cdb[:cdb_length(pdu.cdb)]), lu.block_size)
         except (IndexError, ValueError):
             return None
 

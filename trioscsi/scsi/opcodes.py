@@ -152,8 +152,48 @@ SBC: dict[int, CommandSpec] = {
     0xB7: CommandSpec("READ DEFECT DATA(12)", IN, _u32(6), pr_class="read"),
 }
 
+def _tape_count(cdb: bytes, bs: int) -> int:
+    """READ(6)/WRITE(6) on tape: a byte count in variable mode, a block count x block size when FIXED=1."""
+    count = int.from_bytes(cdb[2:5], "big")
+    return count * bs if cdb[1] & 0x01 else count
+
+
+# SSC-4. Motion and writing are not safe to repeat after an emulator restart (the tape may have moved);
+# REWIND and LOCATE are absolute and may be resent. Another nexus moving the tape is a data-loss risk, so
+# everything but reading and inquiring conflicts with a reservation.
+SSC: dict[int, CommandSpec] = {
+    0x01: CommandSpec("REWIND", NONE, pr_class="write"),
+    0x05: CommandSpec("READ BLOCK LIMITS", IN, lambda cdb, bs: 6, pr_class="read"),
+    0x08: CommandSpec("READ(6)", IN, _tape_count, retry_safe=False, pr_class="read"),
+    0x0A: CommandSpec("WRITE(6)", OUT, _tape_count, retry_safe=False, pr_class="write", writes_medium=True),
+    0x10: CommandSpec("WRITE FILEMARKS(6)", NONE, retry_safe=False, pr_class="write", writes_medium=True),
+    0x11: CommandSpec("SPACE(6)", NONE, retry_safe=False, pr_class="write"),
+    0x19: CommandSpec("ERASE(6)", NONE, retry_safe=False, pr_class="write", writes_medium=True),
+    0x1B: CommandSpec("LOAD UNLOAD", NONE, pr_class="write"),
+    0x2B: CommandSpec("LOCATE(10)", NONE, pr_class="write"),
+    0x34: CommandSpec("READ POSITION", IN, pr_class="read"),
+    0x44: CommandSpec("REPORT DENSITY SUPPORT", IN, _u16(7), pr_class="read"),
+    0x80: CommandSpec("WRITE FILEMARKS(16)", NONE, retry_safe=False, pr_class="write", writes_medium=True),
+    0x8C: CommandSpec("READ ATTRIBUTE", IN, _u32(10), pr_class="read"),
+    0x8D: CommandSpec("WRITE ATTRIBUTE", OUT, _u32(10), pr_class="write"),
+    0x91: CommandSpec("SPACE(16)", NONE, retry_safe=False, pr_class="write"),
+    0x92: CommandSpec("LOCATE(16)", NONE, pr_class="write"),
+}
+
+# SMC-3. A MOVE MEDIUM in doubt is not repeated: the cartridge may already be in the drive.
+SMC: dict[int, CommandSpec] = {
+    0x07: CommandSpec("INITIALIZE ELEMENT STATUS", NONE, pr_class="write"),
+    0x2B: CommandSpec("POSITION TO ELEMENT", NONE, pr_class="write"),
+    0x37: CommandSpec("INITIALIZE ELEMENT STATUS WITH RANGE", NONE, pr_class="write"),
+    0xA5: CommandSpec("MOVE MEDIUM", NONE, retry_safe=False, pr_class="write"),
+    0xA6: CommandSpec("EXCHANGE MEDIUM", NONE, retry_safe=False, pr_class="write"),
+    0xB8: CommandSpec("READ ELEMENT STATUS", IN, _u24(7), pr_class="read"),
+}
+
 TABLES: dict[int, Mapping[int, CommandSpec]] = {
     DeviceType.DISK: {**SPC, **SBC},
+    DeviceType.TAPE: {**SPC, **SSC},
+    DeviceType.CHANGER: {**SPC, **SMC},
 }
 
 
