@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
         # The checker has its own option parser (emulator command lines follow `--`).
         from .emu.checker import main as check_main
         return check_main(argv[2:])
+    if argv[:1] == ["tape"]:
+        from .tape_cli import main as tape_main
+        return tape_main(argv[1:])
     parser = argparse.ArgumentParser(prog="trioscsi", description="A SCSI target in user space.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the target")
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                        choices=["debug", "info", "warning", "error"])
     commands.add_parser("emulator", help="emulator tools: `trioscsi emulator check -- COMMAND ARGS...` "
                                          "runs the protocol checker against an emulator")
+    commands.add_parser("tape", help="create cartridges and libraries: `trioscsi tape cartridge|library --help`")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
     args = parser.parse_args(argv)
