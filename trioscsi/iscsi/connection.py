@@ -9,6 +9,7 @@ StatSN is assigned when a status-bearing PDU is queued, so StatSN order is queue
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ class Connection(StatusStamp):
         self.max_send_segment = 8192
         self.tasks: dict[int, IscsiTask] = {}
         self._out: list[Any] = []
+        self._sending = False
+        self._socket = stream.socket
         self._out_ready = trio.Event()
         self._drained = trio.Event()
         self._scope = trio.CancelScope()
@@ -123,7 +126,24 @@ class Connection(StatusStamp):
                 return
 
     def queue(self, pdu: Any) -> None:
-        self._out.extend(encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
+        buffers = encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest)
+        if not self._out and not self._sending:
+            # Nothing ahead of it: write now (one writev on the non-blocking socket) instead of waking the
+            # send loop; whatever the socket does not take (or an error, which the loop then raises) is queued.
+            try:
+                sent = os.writev(self._socket.fileno(), buffers)    # -1 (EBADF) once closed
+            except OSError:
+                sent = 0
+            if sent:
+                for count, buf in enumerate(buffers):
+                    size = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
+                    if size > sent:
+                        buffers = [memoryview(buf).cast("B")[sent:]] + buffers[count + 1:]
+                        break
+                    sent -= size
+                else:
+                    return
+        self._out.extend(buffers)
         self._out_ready.set()
 
     async def _send_loop(self) -> None:
@@ -135,6 +155,7 @@ class Connection(StatusStamp):
             self._out_ready = trio.Event()
             self._drained = trio.Event()
             buffers, self._out = self._out, []
+            self._sending = bool(buffers)
             while buffers:
                 batch = buffers[:IOV_MAX]
                 sent = await sock.sendmsg(batch)
@@ -147,6 +168,7 @@ class Connection(StatusStamp):
                     total += size
                 else:
                     buffers = buffers[len(batch):]
+            self._sending = False
 
     async def _flush(self) -> None:
         """Wait until everything queued so far is on the wire (before closing after a logout or failed login)."""
@@ -175,6 +197,9 @@ class Connection(StatusStamp):
 
         with trio.fail_after(self.service.login_timeout):
             await self._receive_loop(on_login_pdu)
+        if machine.failure is not None:
+            await self._login_failed(machine)
+            return
         if machine.outcome is None:
             return
         outcome = machine.outcome
@@ -191,6 +216,19 @@ class Connection(StatusStamp):
         self.session = session
         log.info("%s: login of %s to %s (%s session, TSIH %d): %s", self.peer, outcome.initiator_name,
                  outcome.target_name or "discovery", outcome.session_type, session.tsih, _describe(params))
+
+    async def _login_failed(self, machine: LoginMachine) -> None:
+        """Log who failed and why (never a secret), and slow down repeated authentication failures."""
+        failure = machine.failure
+        assert failure is not None
+        log.warning("%s: login of %s refused: %s (status 0x%04x)", self.peer, machine.initiator_name or "?",
+                    failure, failure.status)
+        if failure.status == 0x0201:
+            delay = self.service.auth_failed(self.address)
+            if delay:
+                log.warning("%s: %d authentication failures; answering after %.1f s", self.peer,
+                            self.service.auth_failures.get(self.address, (0, 0.0))[0], delay)
+                await trio.sleep(delay)
 
     # ---- full feature phase ----------------------------------------------------------------------------------------
 

@@ -69,12 +69,14 @@ class LoginMachine:
     expcmdsn_window: int = 1
     stage: int = SECURITY
     failed: bool = False
+    failure: LoginFailed | None = None
     outcome: LoginOutcome | None = None
     _first: LoginRequest | None = None
     _negotiator: Negotiator | None = None
     _auth: ChapAuthenticator | None = None
     _pending_text: bytearray = field(default_factory=bytearray)
     _statsn: int = 0
+    initiator_name: str | None = None
 
     @property
     def done(self) -> bool:
@@ -90,7 +92,7 @@ class LoginMachine:
 
     def _fail(self, request: LoginRequest, exc: LoginFailed) -> LoginResponse:
         self.failed = True
-        log.warning("login failed: %s (status 0x%04x)", exc, exc.status)
+        self.failure = exc
         return self._response(request, status=int(exc.status), transit=False, nsg=0)
 
     def _receive(self, request: LoginRequest) -> LoginResponse:
@@ -140,6 +142,7 @@ class LoginMachine:
         if self._negotiator is None:
             keys = dict(pairs)
             initiator = keys.get("InitiatorName")
+            self.initiator_name = initiator
             if not initiator:
                 raise LoginFailed(LoginStatus.MISSING_PARAMETER, "first login request lacks InitiatorName")
             session_type = keys.get("SessionType", "Normal")

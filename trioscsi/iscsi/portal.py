@@ -44,6 +44,10 @@ class IscsiService:
         self.nop_interval = min((t.config.iscsi.nop_interval for t in targets), default=30.0)
         self.nop_timeout = max((t.config.iscsi.nop_timeout for t in targets), default=30.0)
         self.logout_grace = 10.0    # how long a logout waits for the session's commands to end
+        # Repeated authentication failures from one address are answered ever more slowly.
+        self.auth_failures: dict[str, tuple[int, float]] = {}
+        self.auth_delay_base = 0.5
+        self.auth_delay_max = 10.0
         self._sessions: trio.Nursery | None = None
         self.text = TextResponder(self)
 
@@ -78,6 +82,20 @@ class IscsiService:
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 host, port = stream.socket.getpeername()[:2]
                 connections.start_soon(Connection(self, stream, _format_address(host, port), host).run)
+
+    def auth_failed(self, address: str) -> float:
+        """Count an authentication failure from `address`; the delay before answering it (0: none yet).
+        The count decays: an address quiet for ten minutes starts afresh."""
+        count, last = self.auth_failures.get(address, (0, 0.0))
+        now = trio.current_time()
+        if now - last > 600:
+            count = 0
+        count += 1
+        self.auth_failures[address] = (count, now)
+        if len(self.auth_failures) > 10000:          # bounded memory under a flood of addresses
+            oldest = min(self.auth_failures, key=lambda a: self.auth_failures[a][1])
+            del self.auth_failures[oldest]
+        return 0.0 if count < 2 else min(self.auth_delay_base * 2 ** (count - 2), self.auth_delay_max)
 
     async def start_session(self, session: Session) -> None:
         assert self._sessions is not None
