@@ -287,3 +287,28 @@ async def test_persistent_reservation_blocks_other_initiator_and_survives_restar
         assert keys.status == 0 and struct.unpack_from(">Q", keys.data, 8)[0] == 0xABC
         assert keys.data[21] & 0x0F == 0x1
         assert (await two.scsi(write10(0, 1), write=bytes(512))).status == 0x18
+
+
+async def test_reload_changes_only_the_sessions_whose_access_changed(tmp_path: object) -> None:
+    async with running_server(tmp_path, ACCESS_CONFIG) as (server, port):
+        async with session(port, name="iqn.2026-11.org.example:writer1") as writer, \
+                session(port, name="iqn.2026-11.org.example:reader") as reader:
+            await first_command(writer)
+            await reader.scsi(bytes(6), lun=3)
+            changed = ACCESS_CONFIG.replace('luns = [ { lun = 3, device = "disk", read_only = true } ]',
+                                            'luns = [ { lun = 4, device = "disk", read_only = true } ]')
+            changed = changed.replace('initiators = ["iqn.2026-11.org.example:w*"]',
+                                      'initiators = ["iqn.2026-11.org.example:w*", "iqn.2026-11.org.example:x"]')
+            server.apply_access(config_module.parse(changed, "changed.toml"))
+            ua = await reader.scsi(bytes(6), lun=4)
+            assert (ua.status, ua.sense_key, ua.asc) == (2, 6, 0x3F0E)      # REPORTED LUNS DATA HAS CHANGED
+            assert await report_luns(reader) == [4]
+            assert (await writer.scsi(bytes(6), lun=0)).status == 0          # unaffected: no unit attention
+            gone = changed.replace('initiators = ["iqn.2026-11.org.example:reader"]',
+                                   'initiators = ["iqn.2026-11.org.example:nobody"]')
+            server.apply_access(config_module.parse(gone, "gone.toml"))
+            with trio.fail_after(5):
+                with pytest.raises((EOFError, RuntimeError, trio.BrokenResourceError, AssertionError)):
+                    while True:
+                        await reader.scsi(bytes(6), lun=4)
+            assert (await writer.scsi(bytes(6), lun=0)).status == 0

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = os.path.abspath(args.state_dir or config.state_dir or "state")
     server = Server(config, state_dir)
     try:
-        trio.run(serve_until_signalled, server)
+        reload = (lambda: config_module.load(args.config)) if args.config else None
+        trio.run(serve_until_signalled, server, reload)
     except KeyboardInterrupt:
         pass
     return 0

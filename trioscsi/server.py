@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .config import Config, LunConfig, TargetConfig
+from .scsi.sense import Asc
+
+from collections.abc import Callable, Mapping
+
+from .config import Config, ConfigError, LunConfig, TargetConfig
 from .core.access import AccessControl, InitiatorGroup, LunMapping
 from .core.lu import LogicalUnit, LuOptions
 from .core.target import ScsiTarget
@@ -23,6 +27,11 @@ from .iscsi.portal import ExportedTarget, IscsiService
 log = logging.getLogger("trioscsi")
 
 SHUTDOWN_GRACE = 5.0
+
+
+def _view(luns: Mapping[int, LunMapping]) -> dict[int, tuple[int, bool]]:
+    return {n: (id(m.lu), m.read_only) for n, m in luns.items()}
+
 STARTUP_WAIT = 20.0
 
 
@@ -49,6 +58,46 @@ class Server:
                                   for m in g.luns})
                   for g in config.groups]
         return ScsiTarget(config.name, AccessControl(default, groups, config.default_access))
+
+    def apply_access(self, config: Config) -> None:
+        """Apply changed initiator groups, LUN maps and CHAP of existing targets without a restart.
+
+        Only sessions whose view changed notice: a session that lost its target is closed, one whose LUN map
+        changed gets REPORTED LUNS DATA HAS CHANGED. Adding devices or targets still needs a restart."""
+        assert self.iscsi is not None
+        for new in config.targets:
+            exported = self.iscsi.targets.get(new.name)
+            if exported is None:
+                log.warning("reload: new target %s needs a restart", new.name)
+                continue
+            devices = {lun.name: lu for lun, lu in zip(exported.config.luns, self._lus[new.name])}
+            unknown = {m.device for g in new.groups for m in (g.luns or [])} - set(devices)
+            unknown |= {lun.name for lun in new.luns} - set(devices)
+            if unknown:
+                log.warning("reload: %s: new devices %s need a restart; target left unchanged", new.name,
+                            ", ".join(sorted(unknown)))
+                continue
+            scsi = exported.scsi
+            before = {s: _view(scsi.lun_map(s.nexus)) for s in self.iscsi.registry if s.target is scsi}
+            default = {lun.lun: LunMapping(devices[lun.name], lun.read_only) for lun in new.luns}
+            groups = [InitiatorGroup(g.name, g.initiators, g.addresses,
+                                     None if g.luns is None else
+                                     {m.lun: LunMapping(devices[m.device], m.read_only) for m in g.luns})
+                      for g in new.groups]
+            scsi.access = AccessControl(default, groups, new.default_access)
+            exported.config.groups, exported.config.chap = new.groups, new.chap
+            exported.config.default_access = new.default_access
+            for session, old_view in before.items():
+                nexus = session.nexus
+                if not scsi.may_use(nexus.initiator_name, nexus.initiator_address):
+                    log.info("reload: %s lost access to %s; closing its session", nexus.initiator_port, new.name)
+                    self.iscsi.registry.remove(session)
+                    session.close()
+                elif _view(scsi.lun_map(nexus)) != old_view:
+                    log.info("reload: LUN map of %s on %s changed", nexus.initiator_port, new.name)
+                    for mapping in scsi.lun_map(nexus).values():
+                        mapping.lu.unit_attentions.raise_for(nexus, Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
+        log.info("reload: access rules applied")
 
     def _wire_drives(self, exported: list[ExportedTarget]) -> None:
         """Let a changer find its drives: by the drive's serial anywhere, else by LUN in its own target."""
@@ -102,12 +151,21 @@ class Server:
                           emulator.spec.name, STARTUP_WAIT)
 
 
-async def serve_until_signalled(server: Server) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def serve_until_signalled(server: Server, reload: Callable[[], Config] | None = None) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             log.info("trioscsi ready")
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if reload is None:
+                        log.warning("SIGHUP: running on the embedded default; nothing to reload")
+                        continue
+                    try:
+                        server.apply_access(reload())
+                    except ConfigError as exc:
+                        log.error("SIGHUP: configuration not reloaded: %s", exc)
+                    continue
                 log.info("%s received: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
                 nursery.cancel_scope.cancel()

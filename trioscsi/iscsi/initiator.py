@@ -141,7 +141,7 @@ class Initiator:
         while True:
             try:
                 pdu = await self.receive()
-            except EOFError:
+            except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 for waiter in self._waiters.values():
                     waiter.event.set()
                 return
@@ -211,6 +211,8 @@ class Initiator:
         else:
             await waiter.event.wait()
         del self._waiters[itt]
+        if not waiter.pdus:
+            raise EOFError("the target closed the connection")
         return self._result(waiter.pdus)
 
     async def _serve_r2ts(self, waiter: _Waiter, lun: int, itt: int, data: bytes) -> None:
