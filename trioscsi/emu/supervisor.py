@@ -13,6 +13,7 @@ waits (shielded, bounded) for the command to really end before it lets the cance
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -47,11 +48,47 @@ class Result:
     message: dict[str, Any] | None = None     # the whole `done` map (control messages carry more keys)
 
 
-@dataclass(slots=True)
 class _Pending:
-    done: trio.Event = field(default_factory=trio.Event)
-    result: Result | None = None
-    lost: bool = False
+    """One tag awaiting its `done`.  A command's task parks on it directly (`wait`, no Event per command);
+    control callers that want an Event get one made on demand (`done`)."""
+    __slots__ = ("result", "lost", "finished", "_event", "_waiter")
+
+    def __init__(self) -> None:
+        self.result: Result | None = None
+        self.lost = False
+        self.finished = False
+        self._event: trio.Event | None = None
+        self._waiter: Any = None
+
+    @property
+    def done(self) -> trio.Event:
+        event = self._event
+        if event is None:
+            event = self._event = trio.Event()
+            if self.finished:
+                event.set()
+        return event
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._event is not None:
+            self._event.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
+
+    async def wait(self) -> None:
+        """Park until `finish` (raises Cancelled like any checkpoint; the caller then aborts the tag)."""
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort_fn(_: Any) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+        await trio.lowlevel.wait_task_rescheduled(abort_fn)
 
 
 @dataclass
@@ -94,13 +131,28 @@ class _Incarnation:
         self.info = info
         self.decoder = decoder
         self.pending: dict[int, _Pending] = {}
-        self.outbox: list[bytes] = []
+        self.outbox: list[bytes | memoryview] = []
         self.outbox_ready = trio.Event()
         self.slots = trio.Semaphore(info.max_inflight)
         self.pongs: dict[int, trio.Event] = {}
         self.dead = False
+        self.writing = False               # the writer task holds frames it has not finished writing
+        assert proc.stdin is not None
+        self._fd = proc.stdin.fileno()     # non-blocking (trio set it so)
 
     def send(self, frame: bytes) -> None:
+        """With one command in flight, write now (saves waking the writer task); with more, leave it to the
+        writer, which batches frames into one write (one wake-up of the emulator per batch).  Whatever the
+        pipe does not take now goes to the writer too, which also reports a broken pipe."""
+        if len(self.pending) <= 1 and not self.outbox and not self.writing and not self.dead:
+            try:
+                written = os.write(self._fd, frame)
+            except OSError:                # EAGAIN, or EPIPE: the writer retries and raises the latter
+                written = 0
+            if written == len(frame):
+                return
+            if written:
+                frame = memoryview(frame)[written:]
         self.outbox.append(frame)
         self.outbox_ready.set()
 
@@ -139,7 +191,8 @@ class Emulator:
         while True:
             if self.crash_looping:
                 raise EmulatorUnavailable(self.spec.name)
-            await self._up.wait()
+            if not self._up.is_set():       # the common case (up) skips this checkpoint: `done` waits anyway
+                await self._up.wait()
             inc = self._current
             assert inc is not None
             result = await self._execute_once(inc, cdb, data, xfer, attr, lun)
@@ -151,7 +204,12 @@ class Emulator:
 
     async def _execute_once(self, inc: _Incarnation, cdb: bytes, data: bytes | memoryview, xfer: int,
                             attr: int, lun: int) -> Result | None:
-        async with inc.slots:
+        slots = inc.slots
+        try:
+            slots.acquire_nowait()          # no checkpoint when a slot is free: the wait for `done` is one
+        except trio.WouldBlock:
+            await slots.acquire()
+        try:
             if inc.dead:
                 return None
             tag = self._next_tag
@@ -166,13 +224,15 @@ class Emulator:
                 message["lun"] = lun
             inc.send(encode(message))
             try:
-                await pending.done.wait()
+                await pending.wait()
             except trio.Cancelled:
                 await self._abort(inc, tag, pending)
                 raise
             if pending.lost:
                 return None
             return pending.result
+        finally:
+            slots.release()
 
     def send_control(self, message: dict[str, Any]) -> _Pending | None:
         """Queue a control message (load, unload, restore) now, ahead of any later command; None when the
@@ -191,7 +251,7 @@ class Emulator:
 
     async def _abort(self, inc: _Incarnation, tag: int, pending: _Pending) -> None:
         """Tell the emulator to stop `tag` and wait until it has really ended (SCST's safe TMF semantics)."""
-        if pending.done.is_set() or inc.dead:
+        if pending.finished or inc.dead:
             return
         inc.send(encode({"op": "abort", "tag": tag}))
         with trio.CancelScope(shield=True):
@@ -247,6 +307,7 @@ class Emulator:
             list(self.spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=self.spec.cwd, start_new_session=True)
         log.info("%s: started emulator pid %d: %s", self.spec.name, proc.pid, " ".join(self.spec.argv))
+        _grow_pipes(proc)
         inc: _Incarnation | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -280,7 +341,7 @@ class Emulator:
                     inc.dead = True
                     for pending in inc.pending.values():
                         pending.lost = True
-                        pending.done.set()
+                        pending.finish()
                     inc.pending.clear()
                 await _reap(proc)
                 log.warning("%s: emulator pid %d ended with %s", self.spec.name, proc.pid,
@@ -338,7 +399,7 @@ class Emulator:
                     continue
                 pending.result = Result(message.get("status", 0), message.get("sense") or b"",
                                         message.get("data") or b"", bool(message.get("aborted")), message)
-                pending.done.set()
+                pending.finish()
             elif op == "pong":
                 event = inc.pongs.pop(message.get("tag"), None)
                 if event is not None:
@@ -358,7 +419,11 @@ class Emulator:
             await inc.outbox_ready.wait()
             inc.outbox_ready = trio.Event()
             frames, inc.outbox = inc.outbox, []
+            if not frames:
+                continue
+            inc.writing = True
             await stdin.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+            inc.writing = False
 
     async def _pinger(self, inc: _Incarnation) -> None:
         tag = 0
@@ -419,6 +484,20 @@ async def _reap(proc: trio.Process) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             await stream.aclose()
+
+
+PIPE_SIZE = 1 << 20
+
+
+def _grow_pipes(proc: trio.Process) -> None:
+    """Larger pipes to and from the emulator: fewer EAGAINs, fewer wake-ups, more frames per read."""
+    for stream in (proc.stdin, proc.stdout):
+        if stream is None:
+            continue
+        try:
+            fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, AttributeError, ValueError):
+            pass      # not Linux, or above /proc/sys/fs/pipe-max-size: keep the default
 
 
 def _describe_exit(code: int | None) -> str:

@@ -127,9 +127,10 @@ class Connection(StatusStamp):
 
     def queue(self, pdu: Any) -> None:
         buffers = encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest)
-        if not self._out and not self._sending:
-            # Nothing ahead of it: write now (one writev on the non-blocking socket) instead of waking the
-            # send loop; whatever the socket does not take (or an error, which the loop then raises) is queued.
+        if not self.tasks and not self._out and not self._sending:
+            # No other command in flight and nothing queued ahead: write now (one writev on the non-blocking
+            # socket) instead of waking the send loop (with commands in flight the loop batches answers into
+            # one sendmsg).  What the socket does not take (or an error, which the loop then raises) is queued.
             try:
                 sent = os.writev(self._socket.fileno(), buffers)    # -1 (EBADF) once closed
             except OSError:
