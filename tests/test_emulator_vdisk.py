@@ -206,11 +206,13 @@ def check_provisioning(disk: EmuClient, fs_block: int) -> None:
     cap = disk.cmd(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), xfer=32)["data"]
     last, bs, _, exp, lbp = struct.unpack(">QIBBH", cap[:16])
     assert (last, bs) == (8 * MiB // 512 - 1, 512) and lbp & 0xC000 == 0xC000   # LBPME, LBPRZ
-    assert 512 << exp == max(fs_block, 512)          # a hole is punched in whole file-system blocks
+    assert exp == 0                                  # physical_block_size defaults to the logical block size
     b2 = vpd(disk, 0xB2)
     assert b2[5] & 0xE4 == 0xE4 and b2[6] & 0x07 == 2                        # LBPU LBPWS LBPWS10 LBPRZ; thin
     b0 = vpd(disk, 0xB0)
     assert struct.unpack_from(">I", b0, 20)[0] > 0 and struct.unpack_from(">Q", b0, 36)[0] > 0
+    # a hole is punched in whole file-system blocks: that is the optimal unmap granularity
+    assert struct.unpack_from(">I", b0, 28)[0] == max(fs_block, 512) // 512
 
 
 def test_get_lba_status_beyond_eol(disk):
@@ -306,7 +308,7 @@ def test_d_sense_switches_sense_format(disk):
     assert control[0] == 0x0A and mode_sense10(disk, 0x0A, pc=1)[8 + 2] & 0x04
     assert mode_select10(disk, control[:2] + bytes((control[2] | 0x04,)) + control[3:])["status"] == GOOD
     event = disk.recv()                                 # the change is announced to the core
-    assert event == {"op": "event", "event": "mode_changed"}
+    assert event["op"] == "event" and event["event"] == "mode_changed" and event.get("tag") is not None
     s = expect_sense(disk.cmd(bad_read, xfer=512), ILLEGAL_REQUEST, 0x21, 0x00)
     assert s["format"] == 0x72
     assert mode_select10(disk, control)["status"] == GOOD

@@ -149,9 +149,18 @@ def write10(lba: int, blocks: int) -> bytes:
     return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
 
 
-def long_write_same(blocks: int = 120000) -> bytes:
-    """A WRITE SAME(16) of ~60 MiB that keeps a worker busy for a while."""
+def long_write_same(blocks: int = 16384) -> bytes:
+    """A WRITE SAME(16) of MAXIMUM WRITE SAME LENGTH (8 MiB of 512-byte blocks)."""
     return struct.pack(">BBQIBB", 0x93, 0, 0, blocks, 0, 0)
+
+
+SANITIZE_RATE = 32 * MiB                  # 64 MiB at this rate: a command that runs for 2 s
+
+
+def long_sanitize() -> tuple[bytes, bytes]:
+    """SANITIZE OVERWRITE (IMMED=0) of the whole LU: with ``sanitize_rate`` it keeps a worker busy for seconds."""
+    plist = bytes((1, 0, 0, 1, 0xA5))
+    return struct.pack(">BBxxxxxHB", 0x48, 0x01, len(plist), 0), plist
 
 
 def test_version_mismatch_exits_2(image):
@@ -187,8 +196,8 @@ def test_many_commands_in_flight_answered_by_tag(image):
 
 
 def test_ping_answered_while_busy(image):
-    with start(image, workers=2) as client:
-        busy = client.submit(long_write_same(), data=b"\xa5" * 512)
+    with start(image, workers=2, sanitize_rate=SANITIZE_RATE) as client:
+        busy = client.submit(*long_sanitize())
         client.send({"op": "ping", "tag": 77})
         first = client.recv(timeout=30)
         assert first == {"op": "pong", "tag": 77}, "the pong waited for the command"
@@ -196,8 +205,9 @@ def test_ping_answered_while_busy(image):
 
 
 def test_abort_answers_exactly_one_done(image):
-    with start(image, workers=1) as client:
-        busy = client.submit(long_write_same(), data=b"\x5a" * 512, tag=1)
+    with start(image, workers=1, sanitize_rate=SANITIZE_RATE) as client:
+        cdb, plist = long_sanitize()
+        busy = client.submit(cdb, data=plist, tag=1)
         queued = client.submit(read10(0, 8), xfer=4096, tag=2)   # waits behind the only worker
         client.send({"op": "abort", "tag": queued})
         client.send({"op": "abort", "tag": busy})                # running (or about to): either answer
@@ -220,7 +230,7 @@ def test_abort_answers_exactly_one_done(image):
 def test_end_of_input_finishes_commands_in_flight(image):
     client = start(image, workers=2)
     with client:
-        tag = client.submit(long_write_same(40000), data=b"\x11" * 512)
+        tag = client.submit(long_write_same(), data=b"\x11" * 512)
         assert client.close(timeout=60) == 0
         assert client.recv()["tag"] == tag
     with open(image, "rb") as f:

@@ -11,8 +11,16 @@ device's ``control(msg)`` when it has one, through the same queue as commands, s
 commands on a one-worker device; whatever map ``control`` returns is sent back as one frame.
 
 Invariants: each ``cmd`` gets exactly one ``done``. A command is *pending* from its read until a worker starts it;
-``abort`` removes a pending command and answers it ``aborted``; a started command always runs to its normal end.
+``abort`` removes a pending command and answers it ``aborted``; a started command runs to its end, unless the device
+has ``cancel(tag)``: then ``abort`` of a started command calls it, and a long handler (it learns its tag from
+``current_tag()``) may stop early and return a Result with status ``ABORTED``, answered ``aborted``. At end of input
+``cancel(None)`` asks every long handler to stop, so shutdown never waits for one.
 The pending map is touched only under ``_lock``, so the worker and ``abort`` never both answer one command.
+
+I_T nexus state (PREVENT ALLOW MEDIUM REMOVAL, EXTENDED COPY list identifiers): a ``cmd`` may carry ``nexus``, the
+core's identifier of the I_T nexus that sent it, which a handler reads with ``current_nexus()`` (None when the core
+sends none). The notifications ``nexus_lost {nexus}`` and ``reset`` (no answer) go to the device's ``nexus_lost``
+and ``reset`` when it has them; the core sends them once the commands they concern have ended.
 """
 from __future__ import annotations
 
@@ -30,6 +38,18 @@ from .wire import FrameReader, FrameWriter, ProtocolError, encode_done
 
 VERSIONS = (1,)
 Emit = Callable[..., None]
+ABORTED = 0x100                     # a handler's Result status meaning "stopped by cancel(tag)": answered aborted
+_running = threading.local()
+
+
+def current_tag() -> int | None:
+    """The tag of the command the calling thread is executing (for handlers that honour ``cancel``)."""
+    return getattr(_running, "command", (None, None))[0]
+
+
+def current_nexus() -> Any:
+    """The ``nexus`` of the command the calling thread is executing, or None."""
+    return getattr(_running, "command", (None, None))[1]
 
 
 class Device(Protocol):
@@ -56,6 +76,7 @@ class Dispatcher:
         self.writer = writer
         self._execute = device.execute
         self._quick = getattr(device, "quick", None)
+        self._cancel = getattr(device, "cancel", None)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Any, ...]] = {}
@@ -65,11 +86,11 @@ class Dispatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, tag: int, cdb: bytes, data: Any, xfer: int) -> None:
+    def submit(self, tag: int, cdb: bytes, data: Any, xfer: int, nexus: Any = None) -> None:
         if not self._threads or (self._busy == 0 and self._quick is not None and self._quick(cdb, xfer)):
-            self.run(tag, cdb, data, xfer)
+            self.run(tag, cdb, data, xfer, nexus)
             return
-        job = (tag, cdb, data, xfer)
+        job = (tag, cdb, data, xfer, nexus)
         with self._lock:
             self._pending[tag] = job
             self._busy += 1
@@ -103,17 +124,23 @@ class Dispatcher:
             job = self._pending.pop(tag, None)
         if job is not None:
             self.writer.write(encode_done(tag, 0, aborted=True))
+        elif self._cancel is not None:
+            self._cancel(tag)                   # started: the device may stop it (or ignore the request)
 
-    def run(self, tag: int, cdb: bytes, data: Any, xfer: int) -> None:
+    def run(self, tag: int, cdb: bytes, data: Any, xfer: int, nexus: Any = None) -> None:
         """Execute one command and write its ``done``; never raises for a handler's bug."""
         release = None
+        _running.command = (tag, nexus)     # read only while this command runs, so never cleared
         try:
             status, sense, out, release = self._execute(cdb, data, xfer)
         except Exception:
             traceback.print_exc(file=sys.stderr)
             status, sense, out = CHECK_CONDITION, _sense_for(self.device, internal_failure()), None
         try:
-            self.writer.write(encode_done(tag, status, sense, out))
+            if status == ABORTED:
+                self.writer.write(encode_done(tag, 0, aborted=True))
+            else:
+                self.writer.write(encode_done(tag, status, sense, out))
         except OSError as exc:            # the core went away; the reader will see EOF
             print(f"emulator: cannot answer tag {tag}: {exc}", file=sys.stderr)
         finally:
@@ -144,7 +171,9 @@ class Dispatcher:
                     self._busy -= 1
 
     def close(self) -> None:
-        """Finish every queued and running command, then stop the workers."""
+        """Finish every queued and running command (long ones are asked to stop), then stop the workers."""
+        if self._cancel is not None:
+            self._cancel(None)
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
@@ -261,13 +290,18 @@ def _loop(reader: FrameReader, writer: FrameWriter, dispatcher: Dispatcher, fail
                 if (not isinstance(tag, int) or not isinstance(xfer, int)
                         or not isinstance(cdb, (bytes, memoryview)) or not 6 <= len(cdb) <= 260):
                     raise TypeError
-                submit(tag, bytes(cdb), msg.get("data") or b"", xfer)
+                nexus = msg.get("nexus")
+                submit(tag, bytes(cdb), msg.get("data") or b"", xfer, nexus if nexus is None else _nexus(msg))
             except (KeyError, TypeError):
                 return fail("cmd needs tag uint, cdb bytes (6..260), xfer uint", 1, msg.get("tag"))
         elif op == "ping":
             writer.send({"op": "pong", "tag": msg.get("tag", 0)})
         elif op == "abort":
             dispatcher.abort(msg.get("tag", -1))
+        elif op in ("nexus_lost", "reset"):
+            notify = getattr(dispatcher.device, op, None)
+            if notify is not None:
+                notify(*((_nexus(msg),) if op == "nexus_lost" else ()))
         elif op == "error":
             print(f"emulator: core reported a protocol error: {msg.get('message')}", file=sys.stderr)
             return 1
@@ -275,6 +309,14 @@ def _loop(reader: FrameReader, writer: FrameWriter, dispatcher: Dispatcher, fail
             dispatcher.submit_control(msg)
         else:
             print(f"emulator: ignoring unknown op {op!r}", file=sys.stderr)
+
+
+def _nexus(msg: dict[str, Any]) -> Any:
+    """The message's ``nexus`` as a dictionary key (an int or text identifier; anything else is ignored)."""
+    nexus = msg.get("nexus")
+    if isinstance(nexus, memoryview):
+        nexus = bytes(nexus)
+    return nexus if isinstance(nexus, (int, str, bytes)) else None
 
 
 def main(factory: Callable[[dict[str, Any], dict[str, Any], Emit], Any]) -> None:

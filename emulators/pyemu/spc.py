@@ -13,6 +13,7 @@ import hashlib
 import struct
 from typing import Any, Callable, Mapping, NamedTuple
 
+from .runner import current_tag
 from .sense import (Asc, ScsiError, SenseKey, build_sense, invalid_field, invalid_opcode, invalid_param,
                     param_length_error)
 
@@ -103,7 +104,12 @@ class ScsiDevice:
 
     device_type = 0
     removable = False
+    third_party_copy = False                 # 3PC: EXTENDED COPY is implemented
     version_descriptors: tuple[int, ...] = (VERSION_SAM5, VERSION_SPC4, VERSION_ISCSI)
+    software_write_protect = False           # the control page's SWP bit is changeable
+    # A state that answers some commands before their handler (no medium, sanitize): ``gate(cdb)`` returns the
+    # Result, or None to go on. None while the LU is in its normal state, which costs one attribute load.
+    _gate: Callable[[bytes], "Result | None"] | None = None
 
     def __init__(self, identity: Mapping[str, Any], emit: Callable[..., None] | None = None,
                  fallback_serial: str = "0", product: str = "VIRTUAL-DEVICE") -> None:
@@ -130,7 +136,8 @@ class ScsiDevice:
         self.add_service_actions(0xA3, "MAINTENANCE IN", {
             0x0C: cmd("REPORT SUPPORTED OPERATION CODES", self.report_opcodes,
                       0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07)})
-        self.add_mode_page(ModePage(0x0A, 0, _CONTROL_DEFAULT, _CONTROL_CHANGEABLE, self._control_changed))
+        changeable = _CONTROL_CHANGEABLE_SWP if self.software_write_protect else _CONTROL_CHANGEABLE
+        self.add_mode_page(ModePage(0x0A, 0, _CONTROL_DEFAULT, changeable, self._control_changed))
 
     # -- the table ----------------------------------------------------------------------------------------------
     def add_commands(self, table: Mapping[int, Command]) -> None:
@@ -160,6 +167,11 @@ class ScsiDevice:
 
     def execute(self, cdb: bytes, data: Any, xfer: int) -> Result:
         """Run one CDB; SCSI errors become CHECK CONDITION with sense in the current D_SENSE format."""
+        gate = self._gate
+        if gate is not None:
+            answer = gate(cdb)
+            if answer is not None:
+                return answer
         try:
             entry = self._handlers.get(cdb[0])
             if entry is None:
@@ -205,8 +217,8 @@ class ScsiDevice:
 
     def _standard_inquiry(self) -> bytes:
         ident = self.ident
-        head = struct.pack(">BBBBBBBB", self.device_type, 0x80 if self.removable else 0, 0x06, 0x12, 91, 0,
-                           0, 0x02)                     # SPC-4, HiSup, RDF 2, CmdQue
+        head = struct.pack(">BBBBBBBB", self.device_type, 0x80 if self.removable else 0, 0x06, 0x12, 91,
+                           0x08 if self.third_party_copy else 0, 0, 0x02)   # SPC-4, HiSup, RDF 2, 3PC, CmdQue
         names = _text(ident.vendor, 8) + _text(ident.product, 16) + _text(ident.revision, 4)
         versions = b"".join(struct.pack(">H", v) for v in self.version_descriptors[:8])
         body = head + names + bytes(22) + versions
@@ -334,7 +346,8 @@ class ScsiDevice:
                 if page.on_change:
                     page.on_change(body)
         if changed:
-            self.emit("mode_changed")
+            tag = current_tag()                    # the nexus that made the change gets no unit attention
+            self.emit("mode_changed", **({} if tag is None else {"tag": tag}))
 
     def _parse_page(self, buf: bytes, pos: int, end: int) -> tuple[ModePage, bytes, int]:
         """Check one page of a MODE SELECT list; returns (page, new current body, next position)."""
@@ -385,3 +398,4 @@ def _timeouts(c: Command) -> bytes:
 # D_SENSE is the one changeable bit.
 _CONTROL_DEFAULT = bytes((0x02, 0x10, 0x00, 0x00, 0, 0, 0, 0, 0, 0))
 _CONTROL_CHANGEABLE = bytes((0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+_CONTROL_CHANGEABLE_SWP = bytes((0x04, 0, 0x08, 0, 0, 0, 0, 0, 0, 0))     # + SWP (software write protect)

@@ -262,6 +262,7 @@ class NullStore:
     thin = False
     lbprz = False
     quick = True
+    discards = True                                             # nothing to overwrite or erase
 
     def __init__(self, size: int, max_transfer: int) -> None:
         self.size = size
