@@ -126,6 +126,8 @@ class LunConfig:
     command_timeout: float = 30.0
     name: str = ""
     serialize: bool | None = None
+    ping_interval: float = 5.0          # emulator health check
+    ping_timeout: float = 10.0          # an emulator silent this long after a ping is killed and restarted
 
 
 @dataclass
@@ -359,7 +361,8 @@ class _Checker:
 
     def lun(self, table: dict[str, Any], path: list[str | int], target: str) -> LunConfig:
         self._known(table, path, {"lun", "emulator", "command", "params", "read_only", "serial", "naa",
-                                  "vendor", "product", "revision", "command_timeout", "name", "serialize"})
+                                  "vendor", "product", "revision", "command_timeout", "name", "serialize",
+                                  "ping_interval", "ping_timeout"})
         number = self._int(table, path + ["lun"], None, 0, 16383)
         emulator = table.get("emulator")
         command = table.get("command")
@@ -399,7 +402,9 @@ class _Checker:
                          product=str(table.get("product", f"{emulator}"))[:16],
                          revision=str(table.get("revision", "0001"))[:4], command_timeout=float(timeout),
                          name=str(self._get(table, path + ["name"], str, f"lun{number}")),
-                         serialize=self._get(table, path + ["serialize"], bool, None))
+                         serialize=self._get(table, path + ["serialize"], bool, None),
+                         ping_interval=self._seconds(table, path + ["ping_interval"], 5.0),
+                         ping_timeout=self._seconds(table, path + ["ping_timeout"], 10.0))
 
     # ---- small typed accessors -------------------------------------------------------------------------------
 
@@ -429,6 +434,12 @@ class _Checker:
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             raise self.fail(path, f"expected {names}, got {type(value).__name__}")
         return value
+
+    def _seconds(self, table: dict[str, Any], path: list[str | int], default: float) -> float:
+        value = self._get(table, path, (int, float), default)
+        if isinstance(value, bool) or value <= 0:
+            raise self.fail(path, "expected a positive number of seconds")
+        return float(value)
 
     def _int(self, table: dict[str, Any], path: list[str | int], default: int | None, low: int,
              high: int) -> int:

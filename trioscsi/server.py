@@ -29,6 +29,12 @@ log = logging.getLogger("trioscsi")
 SHUTDOWN_GRACE = 5.0
 
 
+def _emulator_env() -> dict[str, str]:
+    """Built-in emulators come from the same tree as this server, whatever pip points at."""
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {"PYTHONPATH": os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def _view(luns: Mapping[int, LunMapping]) -> dict[int, tuple[int, bool]]:
     return {n: (id(m.lu), m.read_only) for n, m in luns.items()}
 
@@ -116,7 +122,8 @@ class Server:
         identity = {"naa": lun.naa, "serial": lun.serial, "vendor": lun.vendor, "product": lun.product,
                     "revision": lun.revision}
         emulator = Emulator(EmulatorSpec(name=name, argv=lun.argv, params=params, identity=identity,
-                                         cwd=self.state_dir))
+                                         cwd=self.state_dir, ping_interval=lun.ping_interval,
+                                         ping_timeout=lun.ping_timeout, env=_emulator_env()))
         self.emulators.append(emulator)
         reservation_file = os.path.join(self.state_dir, "reservations",
                                         f"{target.name.replace(':', '_')}-lun{lun.lun}.pr")
@@ -141,10 +148,15 @@ class Server:
     async def _wait_for_emulators(self) -> None:
         """Give every emulator a chance to come up before the portals open; a broken one must not keep the
         others from being served (its LU answers NOT READY until it works)."""
+        async def ready_or_hopeless(emulator: Emulator) -> None:
+            while emulator.info is None and not emulator.crash_looping:
+                with trio.move_on_after(0.2):
+                    await emulator.wait_ready()
+
         with trio.move_on_after(STARTUP_WAIT):
             async with trio.open_nursery() as waiting:
                 for emulator in self.emulators:
-                    waiting.start_soon(emulator.wait_ready)
+                    waiting.start_soon(ready_or_hopeless, emulator)
         for emulator in self.emulators:
             if emulator.info is None:
                 log.error("%s: emulator not ready after %.0f s; serving the other LUs meanwhile",

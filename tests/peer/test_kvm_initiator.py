@@ -18,7 +18,7 @@ KVM = Path(os.environ.get("KVM_DIR", ROOT.parent / "shared" / "kvm-initiator"))
 def test_kernel_initiator_drives_disk_tape_and_changer() -> None:
     assert (KVM / "run-guest.sh").exists(), f"the kernel-initiator harness is missing at {KVM}"
     run = subprocess.run([str(ROOT / "scripts" / "kvm-test")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PORT": "3362"})
+                         timeout=600, env={**os.environ, "PORT": "3362"}, stdin=subprocess.DEVNULL)
     print(run.stdout[-4000:])
     summary = re.search(r"KVMI-SUMMARY: (\d+) passed, (\d+) failed", run.stdout)
     assert summary, f"no guest summary (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"

@@ -71,6 +71,8 @@ class LogicalUnit:
         self.name = name
         self.emulator = emulator
         self.options = options or LuOptions()
+        spec = emulator.spec
+        spec.abort_grace = min(spec.abort_grace, self.options.command_timeout / 4)
         self.unit_attentions = UnitAttentions()
         path = self.options.reservation_file
         self.reservations = Reservations(pr_store.load(path) if path else None, aptpl_capable=path is not None)
@@ -243,9 +245,13 @@ class LogicalUnit:
         return await self._run_task(cmd, spec, read_only)
 
     async def _run_task(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
-        task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time()
-                                                         + self.options.command_timeout))
-        self.tasks.add(task)
+        # The abort must fit inside the command's time limit too, so no initiator waits longer than it.
+        timeout = self.options.command_timeout
+        task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time() + timeout
+                                                         - self.emulator.spec.abort_grace))
+        admitted = cmd.admitted        # the transport registered it at delivery: abort cancels that scope
+        if not admitted:
+            self.tasks.add(task)
         try:
             with task.scope:
                 splice = identity.asks_for_device_identification(cmd.cdb)
@@ -269,11 +275,14 @@ class LogicalUnit:
             log.warning("%s: %s lost with its emulator; initiator will retry", self.name, spec.name)
             raise CheckCondition(SenseKey.ABORTED_COMMAND, Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE) from None
         finally:
-            self.tasks.discard(task)
-            task.ended.set()
+            if not admitted:
+                self.tasks.discard(task)
+                task.ended.set()
         if task.aborted:
             raise TaskAborted()
-        log.warning("%s: %s timed out after %.0f s", self.name, spec.name, self.options.command_timeout)
+        log.warning("%s: %s timed out after %.1f s", self.name, spec.name, self.options.command_timeout)
+        if spec.retry_safe:
+            return Response(Status.BUSY)    # Linux and QEMU retry BUSY; they fail ABORTED COMMAND/timeout
         raise CheckCondition(SenseKey.ABORTED_COMMAND, Asc.LOGICAL_UNIT_COMMUNICATION_TIMEOUT)
 
     # ---- task management -----------------------------------------------------------------------------------
@@ -288,12 +297,22 @@ class LogicalUnit:
             await task.ended.wait()
         return len(victims)
 
+    def admit(self, nexus: Nexus, tag: int) -> Task:
+        """Register a delivered command; its transport runs it inside `task.scope` and calls `release`."""
+        task = Task(nexus, tag, trio.CancelScope())
+        self.tasks.add(task)
+        return task
+
+    def release(self, task: Task) -> None:
+        self.tasks.discard(task)
+        task.ended.set()
+
     def find(self, nexus: Nexus, tag: int | None = None) -> list[Task]:
         return [t for t in self.tasks if t.nexus == nexus and (tag is None or t.tag == tag)]
 
-    async def reset(self) -> None:
+    async def reset(self, victims: list[Task] | None = None) -> None:
         """LOGICAL UNIT RESET: abort every task, drop the SPC-2 reservation, tell every nexus."""
-        await self.abort(list(self.tasks))
+        await self.abort(list(self.tasks) if victims is None else victims)
         self.reservations.reset()
         self.unit_attentions.raise_all(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 

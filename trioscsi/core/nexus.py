@@ -38,6 +38,7 @@ class Command:
     data_out: bytes | memoryview = b""
     xfer: int = 0                  # bytes of data-in the initiator will accept
     attr: int = TaskAttribute.SIMPLE
+    admitted: bool = False         # registered in the task set at delivery (see ScsiTarget.admit)
 
 
 @dataclass(slots=True)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from ..scsi.opcodes import DeviceType
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from .access import AccessControl, LunMapping
-from .lu import LogicalUnit, TaskAborted
+from .lu import LogicalUnit, Task, TaskAborted
 from .nexus import Command, Nexus, Response, TmfResponse, encode_lun
 
 log = logging.getLogger("trioscsi.core")
@@ -101,37 +101,75 @@ class ScsiTarget:
 
     # ---- task management (SAM-5 7) --------------------------------------------------------------------------
 
+    def admit(self, nexus: Nexus, lun: int, tag: int) -> Task | None:
+        """Enter a command into its LU's task set when it is delivered (in CmdSN order), so task management
+        sees exactly the commands that preceded it; None when the LUN is not mapped."""
+        mapping = self.lun_map(nexus).get(lun)
+        return mapping.lu.admit(nexus, tag) if mapping is not None else None
+
+    def release(self, nexus: Nexus, lun: int, task: Task) -> None:
+        mapping = self.lun_map(nexus).get(lun)
+        lu = mapping.lu if mapping is not None else None
+        if lu is not None:
+            lu.release(task)
+        else:
+            task.ended.set()
+
     async def task_management(self, nexus: Nexus, function: int, lun: int, ref_tag: int) -> TmfResponse:
         """Perform a task management function; returns only when every affected command has ended."""
+        return await self.plan_task_management(nexus, function, lun, ref_tag)()
+
+    def plan_task_management(self, nexus: Nexus, function: int, lun: int, ref_tag: int
+                             ) -> Callable[[], Awaitable[TmfResponse]]:
+        """Choose the affected tasks now (at delivery), and return what performs the function.
+
+        The victims are fixed synchronously so that a command ordered after the TMF is never aborted by it."""
         luns = self.lun_map(nexus)
+
+        def answer(response: TmfResponse) -> Callable[[], Awaitable[TmfResponse]]:
+            async def done() -> TmfResponse:
+                return response
+            return done
+
         if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            for mapping in luns.values():
-                await mapping.lu.reset()
-            return TmfResponse.FUNCTION_COMPLETE
+            plans = [(m.lu, list(m.lu.tasks)) for m in luns.values()]
+
+            async def reset_target() -> TmfResponse:
+                for lu, victims in plans:
+                    await lu.reset(victims)
+                return TmfResponse.FUNCTION_COMPLETE
+            return reset_target
         if function == TmfFunction.TASK_REASSIGN:
-            return TmfResponse.REASSIGNMENT_NOT_SUPPORTED
-        mapping = luns.get(lun)
-        lu = mapping.lu if mapping is not None else None
+            return answer(TmfResponse.REASSIGNMENT_NOT_SUPPORTED)
         if function not in (TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
                             TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.CLEAR_ACA):
-            return TmfResponse.FUNCTION_NOT_SUPPORTED
-        if lu is None:
-            return TmfResponse.LUN_DOES_NOT_EXIST
+            return answer(TmfResponse.FUNCTION_NOT_SUPPORTED)
+        mapping = luns.get(lun)
+        if mapping is None:
+            return answer(TmfResponse.LUN_DOES_NOT_EXIST)
+        lu = mapping.lu
         if function == TmfFunction.ABORT_TASK:
             victims = lu.find(nexus, ref_tag)
             if not victims:
-                return TmfResponse.TASK_DOES_NOT_EXIST
-            await lu.abort(victims)
+                return answer(TmfResponse.TASK_DOES_NOT_EXIST)
         elif function == TmfFunction.ABORT_TASK_SET:
-            await lu.abort(lu.find(nexus))
-        elif function == TmfFunction.CLEAR_TASK_SET:
-            others = [t for t in lu.tasks if t.nexus != nexus]
-            await lu.abort(list(lu.tasks))
-            for task in others:
-                lu.unit_attentions.raise_for(task.nexus, Asc.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
-        elif function == TmfFunction.LOGICAL_UNIT_RESET:
-            await lu.reset()
-        return TmfResponse.FUNCTION_COMPLETE
+            victims = lu.find(nexus)
+        elif function in (TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+            victims = list(lu.tasks)
+        else:
+            victims = []
+        others = {t.nexus for t in victims if t.nexus != nexus}
+
+        async def perform() -> TmfResponse:
+            if function == TmfFunction.LOGICAL_UNIT_RESET:
+                await lu.reset(victims)
+                return TmfResponse.FUNCTION_COMPLETE
+            await lu.abort(victims)
+            if function == TmfFunction.CLEAR_TASK_SET:
+                for other in others:
+                    lu.unit_attentions.raise_for(other, Asc.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
+            return TmfResponse.FUNCTION_COMPLETE
+        return perform
 
     def nexus_lost(self, nexus: Nexus) -> None:
         for lu in self.logical_units:

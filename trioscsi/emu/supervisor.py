@@ -103,6 +103,7 @@ class EmulatorSpec:
     ping_interval: float = 5.0
     ping_timeout: float = 10.0
     abort_grace: float = 5.0
+    env: dict[str, str] | None = None  # environment overrides for the child
     crash_loop_limit: int = 5          # consecutive short-lived incarnations before the LU reports NOT READY
 
 
@@ -167,6 +168,7 @@ class Emulator:
         self.restarts = 0
         self.retried_commands = 0
         self.consecutive_failures = 0
+        self._served_commands = 0
         self._current: _Incarnation | None = None
         self._up = trio.Event()
         self._next_tag = 1
@@ -287,7 +289,8 @@ class Emulator:
                 started = True
             except Exception as exc:   # noqa: BLE001 - whatever ended this incarnation, the next one starts
                 log.error("%s: emulator incarnation failed: %s", self.spec.name, _reason(exc))
-            if trio.current_time() - began > 10:
+            if trio.current_time() - began > 10 or self._served_commands:
+                # It did real work: a kill during service (fault drill, upgrade) is not a crash loop.
                 backoff = 0.1
                 self.consecutive_failures = 0
             else:
@@ -303,9 +306,11 @@ class Emulator:
             backoff = min(backoff * 2, 5.0 if self.consecutive_failures < self.spec.crash_loop_limit else 30.0)
 
     async def _run_incarnation(self, task_status: trio.TaskStatus[None] | None) -> None:
+        self._served_commands = 0
         proc = await trio.lowlevel.open_process(
             list(self.spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.spec.cwd, start_new_session=True)
+            cwd=self.spec.cwd, start_new_session=True,
+            env={**os.environ, **self.spec.env} if self.spec.env else None)
         log.info("%s: started emulator pid %d: %s", self.spec.name, proc.pid, " ".join(self.spec.argv))
         _grow_pipes(proc)
         inc: _Incarnation | None = None
@@ -393,6 +398,7 @@ class Emulator:
                 continue
             op = message["op"]
             if op == "done":
+                self._served_commands += 1
                 pending = inc.pending.pop(message.get("tag"), None)
                 if pending is None:
                     log.error("%s: 'done' for unknown tag %r", self.spec.name, message.get("tag"))

@@ -34,6 +34,8 @@ log = logging.getLogger("trioscsi.iscsi")
 
 IOV_MAX = 512
 RECV_SIZE = 1 << 18
+MAX_WRITE_BUFFER = 16 << 20   # larger writes are refused before any data is buffered (see core max transfer)
+SEND_BACKLOG = 8 << 20        # answers queued for a slow reader before we stop reading its requests
 
 
 class ConnectionClosed(Exception):
@@ -59,6 +61,7 @@ class Connection(StatusStamp):
         self._socket = stream.socket
         self._out_ready = trio.Event()
         self._drained = trio.Event()
+        self._queued_bytes = 0
         self._scope = trio.CancelScope()
         self._ttt = 0
         self._ping_ttt: int | None = None
@@ -84,6 +87,9 @@ class Connection(StatusStamp):
             except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                      FramingError, trio.TooSlowError) as group:
                 log.info("%s: connection closed: %s", self.peer, _first_reason(group))
+            except* Exception as group:      # a bug must end this connection only, never the server
+                log.error("%s: connection dropped after an internal error: %s", self.peer, _first_reason(group),
+                          exc_info=group)
             finally:
                 self._detach()
         with trio.CancelScope(shield=True):
@@ -117,6 +123,9 @@ class Connection(StatusStamp):
                 self.reject(RejectReason.DATA_DIGEST_ERROR, encode_header(exc.pdu)[:48])
                 continue
             if pdu is NEED_DATA:
+                if self._queued_bytes > SEND_BACKLOG:
+                    # The initiator is not reading its answers: stop reading its requests until it does.
+                    await self._drained.wait()
                 chunk = await receive(RECV_SIZE)
                 if not chunk:
                     raise ConnectionClosed("peer closed the connection")
@@ -144,6 +153,9 @@ class Connection(StatusStamp):
                     sent -= size
                 else:
                     return
+        if self._drained.is_set():
+            self._drained = trio.Event()
+        self._queued_bytes += sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in buffers)
         self._out.extend(buffers)
         self._out_ready.set()
 
@@ -154,12 +166,12 @@ class Connection(StatusStamp):
                 self._drained.set()
                 await self._out_ready.wait()
             self._out_ready = trio.Event()
-            self._drained = trio.Event()
             buffers, self._out = self._out, []
             self._sending = bool(buffers)
             while buffers:
                 batch = buffers[:IOV_MAX]
                 sent = await sock.sendmsg(batch)
+                self._queued_bytes -= sent
                 total = 0
                 for count, buf in enumerate(batch):
                     size = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
@@ -260,12 +272,12 @@ class Connection(StatusStamp):
         """Order a CmdSN-carrying request and start whatever became deliverable."""
         session = self.session
         assert session is not None
-        ready = session.window.accept(pdu.cmdsn, pdu.immediate, pdu)
+        ready = session.window.accept(pdu.cmdsn, pdu.immediate, (pdu, run))
         if ready is None:
             log.debug("%s: CmdSN %d outside the window; dropped", self.peer, pdu.cmdsn)
             return
-        for item in ready:
-            run(item)
+        for item, handler in ready:          # each queued PDU runs with its own handler
+            handler(item)
 
     def _on_nop_out(self, pdu: NopOut) -> None:
         if pdu.ttt != RESERVED_TAG:
@@ -301,12 +313,14 @@ class Connection(StatusStamp):
             if len(pdu.data) and not params.immediate_data:
                 self.reject(RejectReason.PROTOCOL_ERROR, encode_header(pdu)[:48])
                 return
-            task.start_data_out(params.first_burst_length, params.initial_r2t)
+            task.start_data_out(params.first_burst_length, params.initial_r2t, MAX_WRITE_BUFFER)
         self.tasks[pdu.itt] = task
 
         def start(item: ScsiCommand) -> None:
             session.window.started()
-            assert session.commands is not None
+            assert session.commands is not None and session.target is not None
+            lun = decode_lun(item.lun)
+            task.core = session.target.admit(session.nexus, lun if lun is not None else 0xFFFF, item.itt)
             session.commands.start_soon(self._run_command, task)
         self._sequence(pdu, start)
 
@@ -324,13 +338,25 @@ class Connection(StatusStamp):
         session = self.session
         assert session is not None and session.target is not None
         pdu = task.command
+        core = task.core
+        scope = core.scope if core is not None else trio.CancelScope()
         try:
-            response = await self._execute(session, task)
+            with scope:           # task management cancels this, from gathering Data-Out to the answer
+                response = await self._execute(session, task)
+            if scope.cancelled_caught:
+                return            # aborted: RFC 7143 sends no response for an aborted task
         except TaskAborted:
+            return
+        except Exception:            # a bug must cost this connection at most, never the server
+            log.exception("%s: command ITT 0x%08x failed; closing the connection", self.peer, pdu.itt)
+            self.close()
             return
         finally:
             self.tasks.pop(pdu.itt, None)
             session.window.finished()
+            if core is not None:
+                lun = decode_lun(pdu.lun)
+                session.target.release(session.nexus, lun if lun is not None else 0xFFFF, core)
         wanted = self._wanted_length(session, task)
         for out in task.response_pdus(response, max_data_segment=self.max_send_segment, wanted=wanted,
                                       stamp=self):
@@ -341,11 +367,13 @@ class Connection(StatusStamp):
         assert session.target is not None
         lun = decode_lun(pdu.lun)
         cdb = bytes(pdu.cdb[:cdb_length(pdu.cdb)])
+        if task.error is not None:
+            return Response(Status.CHECK_CONDITION, task.error.sense())
         if pdu.write:
             await self._gather(session, task)
         command = Command(session.nexus, lun if lun is not None else 0xFFFF, cdb, tag=pdu.itt,
                           data_out=task.buffer[:task.received] if pdu.write else b"",
-                          xfer=pdu.edtl if pdu.read else 0, attr=pdu.attr)
+                          xfer=pdu.edtl if pdu.read else 0, attr=pdu.attr, admitted=task.core is not None)
         if not pdu.read and not pdu.write and pdu.edtl:
             pass  # a transfer length with neither R nor W: the data has nowhere to go; residual reported
         try:
@@ -386,20 +414,20 @@ class Connection(StatusStamp):
         session = self.session
         assert session is not None
 
-        async def perform(item: TaskMgmtRequest) -> None:
-            if session.target is None:
-                response = 5
-            else:
-                lun = decode_lun(item.lun)
-                response = int(await session.target.task_management(
-                    session.nexus, item.function & 0x7F, lun if lun is not None else 0xFFFF, item.rtt))
+        async def perform(item: TaskMgmtRequest, plan: Any) -> None:
+            response = 5 if plan is None else int(await plan())
             statsn, expcmdsn, maxcmdsn = self.status()
             self.queue(TaskMgmtResponse(response=response, itt=item.itt, statsn=statsn, expcmdsn=expcmdsn,
                                         maxcmdsn=maxcmdsn))
 
         def start(item: TaskMgmtRequest) -> None:
             assert session.commands is not None
-            session.commands.start_soon(perform, item)
+            plan = None
+            if session.target is not None:      # the affected tasks are chosen now, in CmdSN order
+                lun = decode_lun(item.lun)
+                plan = session.target.plan_task_management(session.nexus, item.function & 0x7F,
+                                                           lun if lun is not None else 0xFFFF, item.rtt)
+            session.commands.start_soon(perform, item, plan)
         self._sequence(pdu, start)
 
     def _on_text(self, pdu: TextRequest) -> None:

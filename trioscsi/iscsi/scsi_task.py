@@ -11,6 +11,7 @@ last one when it is GOOD (phase collapse), or a SCSI Response PDU carrying sense
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -30,6 +31,7 @@ class IscsiTask:
     ttt: int = RESERVED_TAG    # the TTT of the outstanding R2T, or RESERVED_TAG for unsolicited data
     next_datasn: int = 0
     error: CheckCondition | None = None
+    core: Any = None           # the core's Task once delivered (core.lu.Task): aborting cancels its scope
 
     @property
     def itt(self) -> int:
@@ -37,10 +39,16 @@ class IscsiTask:
 
     # ---- data-out ---------------------------------------------------------------------------------------
 
-    def start_data_out(self, first_burst_length: int, initial_r2t: bool) -> None:
-        """Take the immediate data and decide how much unsolicited Data-Out to wait for."""
+    def start_data_out(self, first_burst_length: int, initial_r2t: bool, limit: int = 1 << 62) -> None:
+        """Take the immediate data and decide how much unsolicited Data-Out to wait for.
+
+        A transfer beyond `limit` is refused before anything is allocated (the initiator chooses EDTL)."""
         cmd = self.command
         edtl = cmd.edtl
+        if edtl > limit:
+            self.error = CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
+            self.burst_done.set()
+            return
         self.buffer = bytearray(edtl)
         immediate = len(cmd.data)
         if immediate > edtl:
@@ -56,6 +64,8 @@ class IscsiTask:
 
     def on_data_out(self, pdu: DataOut) -> None:
         """Place one Data-Out PDU; raises PduError for data the initiator had no right to send."""
+        if self.error is not None:
+            return                      # the command was refused; its unsolicited data is discarded
         if pdu.ttt != self.ttt:
             raise PduError(RejectReason.INVALID_PDU_FIELD, "Data-Out with a TTT that was not solicited")
         if pdu.datasn != self.next_datasn:
@@ -97,7 +107,7 @@ class IscsiTask:
         underflow = overflow = False
         residual = 0
         if wanted is not None and wanted > edtl:
-            overflow, residual = True, wanted - edtl
+            overflow, residual = True, min(wanted - edtl, 0xFFFFFFFF)
         elif cmd.read and length < edtl:
             underflow, residual = True, edtl - length
         elif cmd.write and not cmd.read and self.received < edtl:
