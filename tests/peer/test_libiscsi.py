@@ -58,10 +58,12 @@ def test_discovery_lists_demo_target_and_luns(server):
     out = ok(["iscsi-ls", "-s", server.portal_url])
     assert re.search(rf"^Target:{re.escape(DEMO_IQN)} Portal:127\.0\.0\.1:{server.port},\d+",
                      out, re.M), f"discovery does not list {DEMO_IQN} on port {server.port}:\n{out}"
-    luns = dict(re.findall(r"^Lun:(\d+)\s+Type:(\S+)", out, re.M))
+    demo = re.search(rf"^Target:{re.escape(DEMO_IQN)} .*?(?=^Target:|\Z)", out, re.M | re.S).group(0)
+    luns = dict(re.findall(r"^Lun:(\d+)\s+Type:(\S+)", demo, re.M))
     assert luns.get("0") == "DIRECT_ACCESS", f"LUN 0 is not listed as a disk:\n{out}"
     assert "1" in luns, f"LUN 1 (null device) is not listed:\n{out}"
     assert set(luns) == {"0", "1"}, f"unexpected LUNs {sorted(luns)}:\n{out}"
+    assert re.search(r"^Target:iqn\.2026-11\.org\.trioscsi:library ", out, re.M), f"no library target:\n{out}"
 
 
 def test_inquiry_lun0_is_a_disk(server):
