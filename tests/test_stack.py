@@ -312,3 +312,26 @@ async def test_reload_changes_only_the_sessions_whose_access_changed(tmp_path: o
                     while True:
                         await reader.scsi(bytes(6), lun=4)
             assert (await writer.scsi(bytes(6), lun=0)).status == 0
+
+
+async def test_live_restart_of_an_emulator_fails_no_command(tmp_path: object) -> None:
+    """Live upgrade: the operator restarts LUN 0's emulator while commands run; every one answers GOOD."""
+    async with running_server(tmp_path) as (server, port), session(port) as ini:
+        await first_command(ini)
+        emulator = server.emulators[0]
+        old_pid = emulator.pid
+        statuses: list[int] = []
+
+        async def io(n: int) -> None:
+            for i in range(40):
+                result = await ini.scsi(write10(64 * n + i % 64, 1), write=bytes([n]) * 512)
+                statuses.append(result.status)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(io, n)
+            await trio.sleep(0.05)
+            await emulator.restart()
+            await emulator.wait_ready()
+        assert emulator.pid != old_pid
+        assert len(statuses) == 160 and set(statuses) == {0}

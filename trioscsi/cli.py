@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         # The checker has its own option parser (emulator command lines follow `--`).
         from .emu.checker import main as check_main
         return check_main(argv[2:])
+    if argv[:1] == ["admin"]:
+        return _admin(argv[1:])
     if argv[:1] == ["tape"]:
         from .tape_cli import main as tape_main
         return tape_main(argv[1:])
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                        choices=["debug", "info", "warning", "error"])
     commands.add_parser("emulator", help="emulator tools: `trioscsi emulator check -- COMMAND ARGS...` "
                                          "runs the protocol checker against an emulator")
+    commands.add_parser("admin", help="talk to a running server: `trioscsi admin [--state-dir DIR] status` "
+                                       "or `restart LU` (restart one emulator without failing a command)")
     commands.add_parser("tape", help="create cartridges and libraries: `trioscsi tape cartridge|library --help`")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
@@ -70,3 +74,26 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _admin(argv: list[str]) -> int:
+    import socket
+    parser = argparse.ArgumentParser(prog="trioscsi admin")
+    parser.add_argument("--state-dir", default="state")
+    parser.add_argument("command", nargs="+", help="status | restart LU")
+    args = parser.parse_args(argv)
+    path = os.path.join(args.state_dir, "admin.sock")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(90)
+            sock.connect(path)
+            sock.sendall(" ".join(args.command).encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+    except OSError as exc:
+        print(f"trioscsi admin: {path}: {exc}", file=sys.stderr)
+        return 2
+    text = reply.decode(errors="replace")
+    print(text, end="")
+    return 1 if text.startswith("error") else 0

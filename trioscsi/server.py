@@ -6,9 +6,11 @@ emulators get EOF on stdin and flush before they exit.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import trio
@@ -142,8 +144,38 @@ class Server:
             for emulator in self.emulators:
                 nursery.start_soon(emulator.run)
             await self._wait_for_emulators()
+            await nursery.start(self._serve_admin)
             bound = await nursery.start(self.iscsi.serve)
             task_status.started(bound)
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A Unix socket in the state dir (root only): `status`, `restart LU` (live upgrade of one emulator)."""
+        path = os.path.join(self.state_dir, "admin.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+        task_status.started()
+        await trio.serve_listeners(self._admin_command, [trio.SocketListener(sock)])
+
+    async def _admin_command(self, stream: trio.abc.Stream) -> None:
+        async with stream:
+            with trio.move_on_after(60):
+                request = (await stream.receive_some(4096)).decode(errors="replace").split()
+                by_name = {e.spec.name: e for e in self.emulators}
+                if request[:1] == ["status"]:
+                    lines = [f"{e.spec.name} pid={e.pid} restarts={e.restarts} retried={e.retried_commands} "
+                             f"up={e.info is not None and not e.crash_looping}" for e in self.emulators]
+                    await stream.send_all(("\n".join(lines) + "\n").encode())
+                elif request[:1] == ["restart"] and len(request) == 2 and request[1] in by_name:
+                    await by_name[request[1]].restart()
+                    await by_name[request[1]].wait_ready()
+                    await stream.send_all(f"restarted {request[1]} (pid {by_name[request[1]].pid})\n".encode())
+                else:
+                    await stream.send_all(f"error: expected `status` or `restart LU` (LUs: "
+                                          f"{', '.join(by_name)})\n".encode())
 
     async def _wait_for_emulators(self) -> None:
         """Give every emulator a chance to come up before the portals open; a broken one must not keep the

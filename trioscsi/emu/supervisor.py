@@ -265,6 +265,21 @@ class Emulator:
                 self.kill()
                 await pending.done.wait()
 
+    async def restart(self, patience: float = 30.0) -> None:
+        """Live upgrade: hold new commands, let those in flight finish, then close stdin so the emulator
+        exits after them (protocol 7); the next incarnation takes the held commands. No command fails."""
+        inc = self._current
+        if inc is None or inc.dead or not self._up.is_set():
+            return
+        self._up = trio.Event()
+        with trio.move_on_after(patience):
+            while inc.pending and not inc.dead:
+                await trio.sleep(0.01)
+        log.info("%s: restarting the emulator for an operator (%d commands held)", self.spec.name,
+                 len(inc.pending))
+        if inc.proc.stdin is not None:
+            await inc.proc.stdin.aclose()
+
     def kill(self) -> None:
         """Kill the running incarnation (hung emulator, operator restart); the supervisor starts a new one."""
         inc = self._current
@@ -341,7 +356,8 @@ class Emulator:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                self._up = trio.Event()
+                if self._up.is_set():        # (a graceful restart already put an unset one in place)
+                    self._up = trio.Event()
                 if inc is not None:
                     inc.dead = True
                     for pending in inc.pending.values():
