@@ -151,9 +151,14 @@ def null(lun: int, size: int = GiB) -> Lun:
     return Lun(lun, "null", {"size": size})
 
 
-def small_disk(workdir: str | Path, size: int = 64 * MiB, with_null: bool = True) -> list[Lun]:
-    """LUN 0 = `size` vdisk file in workdir (the server creates it), LUN 1 = null of that size."""
+def small_disk(workdir: str | Path, size: int = 64 * MiB, with_null: bool = True,
+               removable: bool = False) -> list[Lun]:
+    """LUN 0 = `size` vdisk file in workdir (the server creates it), LUN 1 = null of that size.
+    `removable` makes LUN 0 a removable-medium disk (the conformance run uses it for the PreventAllow,
+    StartStopUnit and NoMedia tests, which skip on a fixed disk)."""
     luns = [vdisk(0, Path(workdir) / "disk0.img", size)]
+    if removable:
+        luns[0].params["removable"] = True
     if with_null:
         luns.append(null(1, size))
     return luns

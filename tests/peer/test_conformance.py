@@ -35,7 +35,7 @@ def cu(tmp_path_factory, run_summary):
     """Runs the suite once: yields (run, server facts)."""
     need("iscsi-test-cu", "timeout", "stdbuf")
     work = tmp_path_factory.mktemp("conformance")
-    srv = TrioscsiServer(work / "server", luns=small_disk(work, LUN_SIZE, with_null=False))
+    srv = TrioscsiServer(work / "server", luns=small_disk(work, LUN_SIZE, with_null=False, removable=True))
     start_or_fail(srv)
     try:
         url = srv.url(0)

@@ -44,6 +44,11 @@ def _set_write_protect(data: bytes | memoryview, index: int) -> bytes | memoryvi
 _PERSIST_LIMITER = trio.CapacityLimiter(1)
 
 
+def _nexus_id(nexus: Nexus) -> str:
+    """How emulators tell I_T nexuses apart (protocol 4): initiator port and target port."""
+    return f"{nexus.initiator_port}|{nexus.target_port}"
+
+
 class TaskAborted(Exception):
     """The command was aborted by task management; the transport sends no response for it."""
 
@@ -256,8 +261,8 @@ class LogicalUnit:
             with task.scope:
                 splice = identity.asks_for_device_identification(cmd.cdb)
                 cdb, xfer = (identity.widen_allocation(cmd.cdb), 0xFFFF) if splice else (cmd.cdb, cmd.xfer)
-                result = await self.emulator.execute(cdb, cmd.data_out, xfer,
-                                                     retry_safe=spec.retry_safe, attr=cmd.attr, lun=cmd.lun)
+                result = await self.emulator.execute(cdb, cmd.data_out, xfer, retry_safe=spec.retry_safe,
+                                                     attr=cmd.attr, lun=cmd.lun, nexus=_nexus_id(cmd.nexus))
                 if self._moves_in_flight:
                     await self._settle_moves()
                 data = result.data
@@ -313,9 +318,11 @@ class LogicalUnit:
     async def reset(self, victims: list[Task] | None = None) -> None:
         """LOGICAL UNIT RESET: abort every task, drop the SPC-2 reservation, tell every nexus."""
         await self.abort(list(self.tasks) if victims is None else victims)
+        self.emulator.notify({"op": "reset"})      # nexus state in the emulator (PREVENT, copy lists) ends too
         self.reservations.reset()
         self.unit_attentions.raise_all(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     def nexus_lost(self, nexus: Nexus) -> None:
+        self.emulator.notify({"op": "nexus_lost", "nexus": _nexus_id(nexus)})
         self.reservations.nexus_lost(nexus)
         self.unit_attentions.forget(nexus)

@@ -188,7 +188,7 @@ class Emulator:
         return self.consecutive_failures >= self.spec.crash_loop_limit and not self._up.is_set()
 
     async def execute(self, cdb: bytes, data: bytes | memoryview = b"", xfer: int = 0, *,
-                      retry_safe: bool = True, attr: int = 0, lun: int = 0) -> Result:
+                      retry_safe: bool = True, attr: int = 0, lun: int = 0, nexus: str | None = None) -> Result:
         """Run one command in the emulator; see the module docstring for the retry and abort rules."""
         while True:
             if self.crash_looping:
@@ -197,7 +197,7 @@ class Emulator:
                 await self._up.wait()
             inc = self._current
             assert inc is not None
-            result = await self._execute_once(inc, cdb, data, xfer, attr, lun)
+            result = await self._execute_once(inc, cdb, data, xfer, attr, lun, nexus)
             if result is not None:
                 return result
             if not retry_safe:
@@ -205,7 +205,7 @@ class Emulator:
             self.retried_commands += 1
 
     async def _execute_once(self, inc: _Incarnation, cdb: bytes, data: bytes | memoryview, xfer: int,
-                            attr: int, lun: int) -> Result | None:
+                            attr: int, lun: int, nexus: str | None = None) -> Result | None:
         slots = inc.slots
         try:
             slots.acquire_nowait()          # no checkpoint when a slot is free: the wait for `done` is one
@@ -224,6 +224,8 @@ class Emulator:
                 message["attr"] = attr
             if lun:
                 message["lun"] = lun
+            if nexus is not None:
+                message["nexus"] = nexus
             inc.send(encode(message))
             try:
                 await pending.wait()
@@ -264,6 +266,13 @@ class Emulator:
                             self.spec.name, tag, self.spec.abort_grace)
                 self.kill()
                 await pending.done.wait()
+
+    def notify(self, message: dict[str, Any]) -> None:
+        """Send a message that has no answer (nexus_lost, reset); dropped when the emulator is down, since a
+        new incarnation starts without that state anyway."""
+        inc = self._current
+        if inc is not None and not inc.dead and self._up.is_set():
+            inc.send(encode(message))
 
     async def restart(self, patience: float = 30.0) -> None:
         """Live upgrade: hold new commands, let those in flight finish, then close stdin so the emulator
