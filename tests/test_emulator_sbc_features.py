@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 
 import pytest
 
 from emulators.pyemu.client import EmuClient, parse_sense
+from sbc_helpers import disk, expect, start, workdir  # noqa: F401 (pytest fixtures)
 
 GOOD, CHECK = 0x00, 0x02
 NOT_READY, ILLEGAL_REQUEST, DATA_PROTECT = 0x2, 0x5, 0x7
@@ -18,35 +18,6 @@ MiB = 1 << 20
 BLOCKS = 8 * MiB // 512
 
 
-@pytest.fixture
-def workdir():
-    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="sbc-test-") as d:
-        yield d
-
-
-def start(workdir: str, **params) -> EmuClient:
-    identity = params.pop("identity", {})
-    client = EmuClient("emulators.vdisk")
-    params = {"path": os.path.join(workdir, "disk.img"), "size": 8 * MiB, **params}
-    ready = client.hello(params, identity)
-    assert ready["op"] == "ready", (ready, client.stderr_text())
-    return client
-
-
-@pytest.fixture
-def disk(workdir):
-    with start(workdir) as client:
-        yield client
-    assert client.proc.returncode == 0
-
-
-def expect(done: dict, key: int, asc: int, ascq: int | None = None) -> dict:
-    assert done["status"] == CHECK, done
-    s = parse_sense(done["sense"])
-    assert (s["key"], s["asc"]) == (key, asc), s
-    if ascq is not None:
-        assert s["ascq"] == ascq, s
-    return s
 
 
 def rw10(op: int, lba: int, blocks: int, flags: int = 0) -> bytes:

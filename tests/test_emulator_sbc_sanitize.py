@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import time
 
 import pytest
 
 from emulators.pyemu.client import EmuClient, parse_sense
+from sbc_helpers import expect, start, workdir  # noqa: F401 (pytest fixtures)
 
 GOOD, CHECK = 0x00, 0x02
 NOT_READY, MEDIUM_ERROR, ILLEGAL_REQUEST, DATA_PROTECT = 0x2, 0x3, 0x5, 0x7
@@ -20,26 +20,6 @@ BLOCKS = 8 * MiB // 512
 OVERWRITE, BLOCK_ERASE, CRYPTO_ERASE, EXIT_FAILURE_MODE = 0x01, 0x02, 0x03, 0x1F
 
 
-@pytest.fixture
-def workdir():
-    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="sanitize-test-") as d:
-        yield d
-
-
-def start(workdir: str, **params) -> EmuClient:
-    client = EmuClient("emulators.vdisk")
-    ready = client.hello({"path": os.path.join(workdir, "disk.img"), "size": 8 * MiB, **params})
-    assert ready["op"] == "ready", (ready, client.stderr_text())
-    return client
-
-
-def expect(done: dict, key: int, asc: int, ascq: int | None = None) -> dict:
-    assert done["status"] == CHECK, done
-    s = parse_sense(done["sense"])
-    assert (s["key"], s["asc"]) == (key, asc), s
-    if ascq is not None:
-        assert s["ascq"] == ascq, s
-    return s
 
 
 def sanitize(sa: int, plist: bytes = b"", immed: bool = False, ause: bool = False, length: int | None = None,

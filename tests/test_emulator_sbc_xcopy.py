@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 
 import pytest
 
 from emulators.pyemu.client import EmuClient, parse_sense
+import sbc_helpers
+from sbc_helpers import expect, workdir  # noqa: F401 (pytest fixtures)
 
 GOOD, CHECK = 0x00, 0x02
 ILLEGAL_REQUEST, DATA_PROTECT, COPY_ABORTED = 0x5, 0x7, 0xA
@@ -19,17 +20,9 @@ NAA = bytes.fromhex("6001405abcdef0123456789abcdef012")
 PEER_NAA = bytes.fromhex("60014051111111112222222233333333")
 
 
-@pytest.fixture
-def workdir():
-    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="xcopy-test-") as d:
-        yield d
-
-
 def start(workdir: str, **params) -> EmuClient:
-    client = EmuClient("emulators.vdisk")
-    ready = client.hello({"path": os.path.join(workdir, "disk.img"), "size": 8 * MiB, **params}, {"naa": NAA})
-    assert ready["op"] == "ready", (ready, client.stderr_text())
-    return client
+    """The shared vdisk, with the NAA designator EXTENDED COPY descriptors name it by."""
+    return sbc_helpers.start(workdir, identity={"naa": NAA}, **params)
 
 
 @pytest.fixture
@@ -37,15 +30,6 @@ def disk(workdir):
     with start(workdir) as client:
         yield client
     assert client.proc.returncode == 0
-
-
-def expect(done: dict, key: int, asc: int, ascq: int | None = None) -> dict:
-    assert done["status"] == CHECK, done
-    s = parse_sense(done["sense"])
-    assert (s["key"], s["asc"]) == (key, asc), s
-    if ascq is not None:
-        assert s["ascq"] == ascq, s
-    return s
 
 
 def rw10(op: int, lba: int, blocks: int) -> bytes:
