@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import trio
 
-from .checker import (SPEC, CheckFailed, Done, EmulatorGone, Session, Skipped, Unanswered, Warned, encode,
-                      schema_problems)
+from .checker import Session
+from .checker_process import (SPEC, CheckFailed, Done, EmulatorGone, Skipped, Unanswered, Warned, encode,
+                              schema_problems)
 
 GOOD, CHECK_CONDITION = 0x00, 0x02
 ILLEGAL_REQUEST, DATA_PROTECT = 0x5, 0x7
