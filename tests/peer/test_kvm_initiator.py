@@ -28,3 +28,15 @@ def test_kernel_initiator_drives_disk_tape_and_changer() -> None:
     assert passed >= 40, f"only {passed} checks ran"
     for check in ("tape tell", "tape status at eod", "changer mtx load 1 0", "disk e2fsck -fn"):
         assert f"PASS {check}" in run.stdout, f"{check} did not pass"
+
+
+@pytest.mark.peer
+def test_kernel_initiator_mutual_chap() -> None:
+    """open-iscsi in the guest: a wrong initiator secret is refused by trioscsi, a target that proves the wrong
+    secret is refused by Linux, and the right pair logs in and attaches the disk (tests/kvm/chap.toml)."""
+    assert (KVM / "run-guest.sh").exists(), f"the kernel-initiator harness is missing at {KVM}"
+    run = subprocess.run([str(ROOT / "scripts" / "kvm-test"), "chap"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PORT": "3363"}, stdin=subprocess.DEVNULL)
+    print(run.stdout[-3000:])
+    assert "KVMI-SUMMARY: 5 passed, 0 failed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.returncode == 0
