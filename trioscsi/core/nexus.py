@@ -48,6 +48,18 @@ class Response:
     data: bytes | memoryview = b""
 
 
+class TmfFunction(IntEnum):
+    """Task management functions (SAM-5 7), numbered as iSCSI carries them (RFC 7143 11.5.1)."""
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+
 class TmfResponse(IntEnum):
     """RFC 7143 11.6.1 / SAM-5 service responses, with the iSCSI codes."""
     FUNCTION_COMPLETE = 0

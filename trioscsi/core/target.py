@@ -13,22 +13,11 @@ from ..scsi.opcodes import DeviceType
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from .access import AccessControl, LunMapping
 from .lu import LogicalUnit, Task, TaskAborted
-from .nexus import Command, Nexus, Response, TmfResponse, encode_lun
+from .nexus import Command, Nexus, Response, TmfFunction, TmfResponse, encode_lun
 
 log = logging.getLogger("trioscsi.core")
 
 INQUIRY, REQUEST_SENSE, REPORT_LUNS = 0x12, 0x03, 0xA0
-
-
-class TmfFunction:
-    ABORT_TASK = 1
-    ABORT_TASK_SET = 2
-    CLEAR_ACA = 3
-    CLEAR_TASK_SET = 4
-    LOGICAL_UNIT_RESET = 5
-    TARGET_WARM_RESET = 6
-    TARGET_COLD_RESET = 7
-    TASK_REASSIGN = 8
 
 
 class ScsiTarget:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, TypeAlias
 
+# The core's vocabulary: iSCSI carries SAM task management functions and service responses with these codes.
+from ..core.nexus import TmfFunction, TmfResponse  # noqa: F401 (re-exported by pdu)
+
 RESERVED_TAG = 0xFFFFFFFF
 """The value of an ITT/TTT that refers to no task (RFC 7143 §11.18, §11.19)."""
 
@@ -66,32 +69,6 @@ class TaskAttribute(IntEnum):
     ORDERED = 2
     HEAD_OF_QUEUE = 3
     ACA = 4
-
-
-class TmfFunction(IntEnum):
-    """TaskMgmtRequest.function (RFC 7143 §11.5.1)."""
-
-    ABORT_TASK = 1
-    ABORT_TASK_SET = 2
-    CLEAR_ACA = 3
-    CLEAR_TASK_SET = 4
-    LOGICAL_UNIT_RESET = 5
-    TARGET_WARM_RESET = 6
-    TARGET_COLD_RESET = 7
-    TASK_REASSIGN = 8
-
-
-class TmfResponse(IntEnum):
-    """TaskMgmtResponse.response (RFC 7143 §11.6.1)."""
-
-    COMPLETE = 0
-    TASK_DOES_NOT_EXIST = 1
-    LUN_DOES_NOT_EXIST = 2
-    TASK_STILL_ALLEGIANT = 3
-    REASSIGNMENT_NOT_SUPPORTED = 4
-    NOT_SUPPORTED = 5
-    AUTHORIZATION_FAILED = 6
-    REJECTED = 255
 
 
 class LogoutReason(IntEnum):
@@ -316,7 +293,7 @@ class ScsiResponse:
 @dataclass(frozen=True, slots=True)
 class TaskMgmtResponse:
     opcode: ClassVar[Opcode] = Opcode.TASK_MGMT_RESPONSE
-    response: int = TmfResponse.COMPLETE
+    response: int = TmfResponse.FUNCTION_COMPLETE
     itt: int = 0
     statsn: int = 0
     expcmdsn: int = 0
