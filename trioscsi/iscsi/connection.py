@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..core.lu import TaskAborted
-from ..core.nexus import Command, Response, decode_lun
+from ..core.nexus import Command, Response, TmfFunction, TmfResponse, decode_lun
 from ..scsi.opcodes import cdb_length, lookup
 from ..scsi.sense import CheckCondition, Status
 from .framing import NEED_DATA, DigestError, PduReader, encode_pdu
@@ -419,6 +419,12 @@ class Connection(StatusStamp):
             statsn, expcmdsn, maxcmdsn = self.status()
             self.queue(TaskMgmtResponse(response=response, itt=item.itt, statsn=statsn, expcmdsn=expcmdsn,
                                         maxcmdsn=maxcmdsn))
+            if item.function & 0x7F == TmfFunction.TARGET_COLD_RESET and response == TmfResponse.FUNCTION_COMPLETE:
+                # RFC 7143 11.5.1: after the response, the target closes every connection of every session.
+                await self._flush()
+                ended = self.service.end_sessions_of(session.target)
+                log.info("%s: TARGET COLD RESET from %s: %d session(s) closed", self.peer,
+                         session.initiator_name, ended)
 
         def start(item: TaskMgmtRequest) -> None:
             assert session.commands is not None

@@ -74,6 +74,7 @@ class Initiator:
         self._send_lock = trio.Lock()
         self.rejects: list[Reject] = []
         self.async_pdus: list[Any] = []
+        self.closed = trio.Event()          # set when the target closed the connection
 
     @classmethod
     async def connect(cls, host: str, port: int, **kwargs: Any) -> Initiator:
@@ -144,6 +145,7 @@ class Initiator:
             except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 for waiter in self._waiters.values():
                     waiter.event.set()
+                self.closed.set()
                 return
             statsn = getattr(pdu, "statsn", None)
             if statsn is not None and not (isinstance(pdu, DataIn) and not pdu.status_present) \

@@ -101,6 +101,16 @@ class IscsiService:
         assert self._sessions is not None
         await self._sessions.start(session.run)
 
+    def end_sessions_of(self, target: object) -> int:
+        """TARGET COLD RESET (RFC 7143 11.5.1): every session with that target ends, its connections close."""
+        ended = 0
+        for session in self.registry:
+            if session.target is target:
+                self.registry.remove(session)
+                session.close()
+                ended += 1
+        return ended
+
     # ---- login decisions --------------------------------------------------------------------------------
 
     def visible_targets(self, initiator_name: str, address: str) -> list[ExportedTarget]:
