@@ -227,6 +227,27 @@ default_access = false
 """
 
 
+async def test_target_warm_reset_keeps_sessions_and_cold_reset_closes_every_session(tmp_path: object) -> None:
+    """RFC 7143 11.5.1: both resets answer FUNCTION COMPLETE; after a cold reset the target closes every
+    connection of every session of that target, the other initiator's included."""
+    async with running_server(tmp_path) as (server, port), session(port) as ini, \
+            session(port, name="iqn.2026-11.org.trioscsi.test:other") as other:
+        await first_command(ini)
+        await first_command(other)
+        assert await ini.task_management(6) == 0                  # TARGET WARM RESET
+        for nexus in (ini, other):
+            ua = await nexus.scsi(bytes(6), lun=0)
+            assert (ua.sense_key, ua.asc) == (6, 0x2903)
+        assert await ini.task_management(7) == 0                  # TARGET COLD RESET
+        with trio.fail_after(5):
+            await ini.closed.wait()
+            await other.closed.wait()
+        assert len(server.iscsi.registry) == 0
+        async with session(port) as again:
+            await first_command(again)
+
+
+
 async def report_luns(ini: Initiator) -> list[int]:
     result = await ini.scsi(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), read=256)
     length = struct.unpack_from(">I", result.data)[0]
@@ -335,3 +356,23 @@ async def test_live_restart_of_an_emulator_fails_no_command(tmp_path: object) ->
             await emulator.wait_ready()
         assert emulator.pid != old_pid
         assert len(statuses) == 160 and set(statuses) == {0}
+
+
+async def test_mode_parameters_changed_reaches_every_nexus_but_the_one_that_changed_them(tmp_path: object) -> None:
+    """SPC-4 7.5 (MODE SELECT): the change raises MODE PARAMETERS CHANGED for the other I_T nexuses only."""
+    async with running_server(tmp_path) as (_, port), session(port) as changer, \
+            session(port, name="iqn.2026-11.org.trioscsi.test:other") as other:
+        await first_command(changer)
+        await first_command(other)
+        sense = await changer.scsi(bytes((0x1A, 0x08, 0x08, 0, 0xFF, 0)), read=255)   # MODE SENSE(6), DBD, caching
+        assert sense.status == 0
+        page = bytearray(sense.data[4:4 + 20])
+        page[0] &= 0x3F
+        page[2] ^= 0x04                                                               # toggle WCE
+        params = bytes(4) + bytes(page)
+        select = await changer.scsi(bytes((0x15, 0x10, 0, 0, len(params), 0)), write=params)
+        assert select.status == 0
+        assert (await changer.scsi(bytes(6))).status == 0
+        ua = await other.scsi(bytes(6))
+        assert (ua.status, ua.sense_key, ua.asc) == (2, 6, 0x2A01)
+        assert (await other.scsi(bytes(6))).status == 0

@@ -156,8 +156,13 @@ class LogicalUnit:
         asc = {"capacity_changed": Asc.CAPACITY_DATA_HAS_CHANGED,
                "medium_changed": Asc.NOT_READY_TO_READY_CHANGE,
                "mode_changed": Asc.MODE_PARAMETERS_CHANGED}.get(str(message.get("event")))
-        if asc is not None:
-            self.unit_attentions.raise_all(asc)
+        if asc is None:
+            return
+        cause = None
+        if event == "mode_changed":     # SPC-4 7.5: not to the nexus whose MODE SELECT made the change
+            cause = next((n for n in self.unit_attentions.nexuses() if _nexus_id(n) == message.get("nexus")),
+                         None)
+        self.unit_attentions.raise_all(asc, except_for=cause)
 
     # ---- the pipeline -----------------------------------------------------------------------------------
 

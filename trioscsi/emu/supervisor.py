@@ -51,10 +51,11 @@ class Result:
 class _Pending:
     """One tag awaiting its `done`.  A command's task parks on it directly (`wait`, no Event per command);
     control callers that want an Event get one made on demand (`done`)."""
-    __slots__ = ("result", "lost", "finished", "_event", "_waiter")
+    __slots__ = ("result", "lost", "finished", "nexus", "_event", "_waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, nexus: str | None = None) -> None:
         self.result: Result | None = None
+        self.nexus = nexus              # the I_T nexus whose command this is (events name it by tag)
         self.lost = False
         self.finished = False
         self._event: trio.Event | None = None
@@ -216,7 +217,7 @@ class Emulator:
                 return None
             tag = self._next_tag
             self._next_tag = (tag + 1) & 0xFFFFFFFFFFFF
-            pending = inc.pending[tag] = _Pending()
+            pending = inc.pending[tag] = _Pending(nexus)
             message: dict[str, Any] = {"op": "cmd", "tag": tag, "cdb": bytes(cdb), "xfer": xfer}
             if data:
                 message["data"] = data if isinstance(data, bytes) else bytes(data)
@@ -437,6 +438,9 @@ class Emulator:
                     event.set()
             elif op == "event":
                 log.info("%s: event %s", self.spec.name, message.get("event"))
+                cause = inc.pending.get(message.get("tag")) if "tag" in message else None
+                if cause is not None and cause.nexus is not None and "nexus" not in message:
+                    message = {**message, "nexus": cause.nexus}    # the nexus whose command caused it
                 self.on_event(message)
             elif op == "error":
                 log.error("%s: emulator reports a protocol error: %s", self.spec.name, message.get("message"))
