@@ -221,6 +221,16 @@ def libiscsi_version() -> str:
         return ""
 
 
+# The main run (-t ALL, two paths, no -S) skips these by design; each runs on a LU of the kind it needs.
+LBPPB_TESTS = ("ALL.CompareAndWrite.InvalidDataOutSize", "ALL.WriteSame10.InvalidDataOutSize",
+               "ALL.WriteSame16.InvalidDataOutSize", "ALL.WriteSame10.UnmapUnaligned",
+               "ALL.WriteSame16.UnmapUnaligned")
+READ_ONLY_TESTS = ("ALL.ReadOnly.ReadOnlySBC",)
+# vdisk parameters for the Sanitize run: Sanitize.Reset needs the overwrite of the 64 MiB LU still running
+# about 5 s after it started (8 s at this rate), Sanitize.Readonly a changeable SWP bit.
+SANITIZE_PARAMS = {"sanitize_rate": 8 * 1024 * 1024, "software_write_protect": True}
+
+
 def run_cu(urls: list[str], out_dir: str | Path, *, tests: str = "ALL", timeout: float = 600,
            stall: float = 120, dataloss: bool = True, initiator: str | None = None,
            initiator2: str | None = None, extra: tuple[str, ...] = (), echo=None) -> CuRun:

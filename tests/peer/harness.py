@@ -152,13 +152,14 @@ def null(lun: int, size: int = GiB) -> Lun:
 
 
 def small_disk(workdir: str | Path, size: int = 64 * MiB, with_null: bool = True,
-               removable: bool = False) -> list[Lun]:
+               removable: bool = False, **params: object) -> list[Lun]:
     """LUN 0 = `size` vdisk file in workdir (the server creates it), LUN 1 = null of that size.
     `removable` makes LUN 0 a removable-medium disk (the conformance run uses it for the PreventAllow,
-    StartStopUnit and NoMedia tests, which skip on a fixed disk)."""
+    StartStopUnit and NoMedia tests, which skip on a fixed disk); `params` are more vdisk parameters."""
     luns = [vdisk(0, Path(workdir) / "disk0.img", size)]
     if removable:
         luns[0].params["removable"] = True
+    luns[0].params.update(params)
     if with_null:
         luns.append(null(1, size))
     return luns
