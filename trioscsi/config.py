@@ -27,10 +27,12 @@ listen = "127.0.0.1:3260"
 name = "iqn.2026-11.org.trioscsi:demo"
 alias = "trioscsi demo"
 
+  # Removable, like a disk in a drive bay: START STOP UNIT ejects and loads it, PREVENT ALLOW MEDIUM REMOVAL
+  # locks it, so clients and conformance suites can use every part of SBC.  Drop `removable` for a fixed disk.
   [[target.lun]]
   lun = 0
   emulator = "vdisk"
-  params = { path = "demo-lun0.img", size = 1073741824, block_size = 512, create = true }
+  params = { path = "demo-lun0.img", size = 1073741824, block_size = 512, create = true, removable = true }
 
   [[target.lun]]
   lun = 1
