@@ -19,7 +19,7 @@ DEFAULT_PORT = 3260
 BUILTIN_EMULATORS = ("vdisk", "null", "vtape", "vchanger")
 
 DEFAULT_CONFIG = """\
-# The embedded default: one demo target on loopback with a 1 GiB sparse disk and a null device.
+# The embedded default: one demo target on loopback with a 1 GiB sparse disk, a null device and a tape library.
 [[portal]]
 listen = "127.0.0.1:3260"
 
@@ -39,25 +39,22 @@ alias = "trioscsi demo"
   emulator = "null"
   params = { size = 1073741824, block_size = 512 }
 
-# A tape library: two drives and a changer holding ten cartridges (created on first start under the state
-# dir). Drives and changer are shared safely: reservations are enforced by the core.
-[[target]]
-name = "iqn.2026-11.org.trioscsi:library"
-alias = "trioscsi tape library"
-
+  # A tape library: a changer with ten cartridges (created on first start under the state dir) in slots 1-3 and
+  # 10-16, slots 4-9 free, and its two drives.  Drives and changer are shared safely: the core enforces
+  # reservations.
   [[target.lun]]
-  lun = 0
+  lun = 2
   emulator = "vchanger"
   serial = "LIBRARY0001"
-  params = { slots = 16, ie_slots = 2, media_dir = "tapes", state = "tapes/library.state.json", capacity = 1073741824, drives = [ { serial = "DRIVE0001", lun = 1 }, { serial = "DRIVE0002", lun = 2 } ], cartridges = [ { barcode = "TRIO01L6", path = "TRIO01L6.img" }, { barcode = "TRIO02L6", path = "TRIO02L6.img" }, { barcode = "TRIO03L6", path = "TRIO03L6.img" }, { barcode = "TRIO04L6", path = "TRIO04L6.img" }, { barcode = "TRIO05L6", path = "TRIO05L6.img" }, { barcode = "TRIO06L6", path = "TRIO06L6.img" }, { barcode = "TRIO07L6", path = "TRIO07L6.img" }, { barcode = "TRIO08L6", path = "TRIO08L6.img" }, { barcode = "TRIO09L6", path = "TRIO09L6.img" }, { barcode = "TRIO10L6", path = "TRIO10L6.img" } ] }
+  params = { slots = 16, ie_slots = 2, media_dir = "tapes", state = "tapes/library.state.json", capacity = 1073741824, drives = [ { serial = "DRIVE0001", lun = 3 }, { serial = "DRIVE0002", lun = 4 } ], cartridges = [ { barcode = "TRIO01L6", path = "TRIO01L6.img", slot = 1 }, { barcode = "TRIO02L6", path = "TRIO02L6.img", slot = 2 }, { barcode = "TRIO03L6", path = "TRIO03L6.img", slot = 3 }, { barcode = "TRIO04L6", path = "TRIO04L6.img", slot = 10 }, { barcode = "TRIO05L6", path = "TRIO05L6.img", slot = 11 }, { barcode = "TRIO06L6", path = "TRIO06L6.img", slot = 12 }, { barcode = "TRIO07L6", path = "TRIO07L6.img", slot = 13 }, { barcode = "TRIO08L6", path = "TRIO08L6.img", slot = 14 }, { barcode = "TRIO09L6", path = "TRIO09L6.img", slot = 15 }, { barcode = "TRIO10L6", path = "TRIO10L6.img", slot = 16 } ] }
 
   [[target.lun]]
-  lun = 1
+  lun = 3
   emulator = "vtape"
   serial = "DRIVE0001"
 
   [[target.lun]]
-  lun = 2
+  lun = 4
   emulator = "vtape"
   serial = "DRIVE0002"
 """

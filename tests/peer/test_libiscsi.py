@@ -62,8 +62,9 @@ def test_discovery_lists_demo_target_and_luns(server):
     luns = dict(re.findall(r"^Lun:(\d+)\s+Type:(\S+)", demo, re.M))
     assert luns.get("0") == "DIRECT_ACCESS", f"LUN 0 is not listed as a disk:\n{out}"
     assert "1" in luns, f"LUN 1 (null device) is not listed:\n{out}"
-    assert set(luns) == {"0", "1"}, f"unexpected LUNs {sorted(luns)}:\n{out}"
-    assert re.search(r"^Target:iqn\.2026-11\.org\.trioscsi:library ", out, re.M), f"no library target:\n{out}"
+    assert (luns.get("2"), luns.get("3"), luns.get("4")) == ("MEDIA_CHANGER", "SEQUENTIAL_ACCESS",
+                                                             "SEQUENTIAL_ACCESS"), f"no tape library:\n{out}"
+    assert set(luns) == {"0", "1", "2", "3", "4"}, f"unexpected LUNs {sorted(luns)}:\n{out}"
 
 
 def test_inquiry_lun0_is_a_disk(server):
