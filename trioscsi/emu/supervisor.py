@@ -332,9 +332,11 @@ class Emulator:
 
     async def _run_incarnation(self, task_status: trio.TaskStatus[None] | None) -> None:
         self._served_commands = 0
+        # Its own process group (a terminal's ^C is for the server, which stops emulators in order), but the
+        # server's session, so operators and tools find it with the server (`ps -s`).
         proc = await trio.lowlevel.open_process(
             list(self.spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.spec.cwd, start_new_session=True,
+            cwd=self.spec.cwd, process_group=0,
             env={**os.environ, **self.spec.env} if self.spec.env else None)
         log.info("%s: started emulator pid %d: %s", self.spec.name, proc.pid, " ".join(self.spec.argv))
         _grow_pipes(proc)
