@@ -3,6 +3,7 @@ initiator over loopback TCP: what third-party clients cannot easily show (sense 
 emulator restarts, task management)."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import struct
@@ -376,3 +377,24 @@ async def test_mode_parameters_changed_reaches_every_nexus_but_the_one_that_chan
         ua = await other.scsi(bytes(6))
         assert (ua.status, ua.sense_key, ua.asc) == (2, 6, 0x2A01)
         assert (await other.scsi(bytes(6))).status == 0
+
+
+async def test_ordered_command_sees_every_older_write(tmp_path: object) -> None:
+    """An ORDERED READ delivered after a burst of SIMPLE WRITEs runs only after all of them ended."""
+    async with running_server(tmp_path) as (_, port), session(port) as ini:
+        await first_command(ini)
+        blocks = {lba: os.urandom(512) for lba in range(0, 64, 4)}
+        results: dict[str, object] = {}
+
+        async def read_ordered() -> None:
+            results["read"] = await ini.scsi(read10(0, 64), read=64 * 512, attr=1)
+
+        async with trio.open_nursery() as nursery:
+            for lba, data in blocks.items():
+                nursery.start_soon(functools.partial(ini.scsi, write10(lba, 1), write=data))
+            await trio.sleep(0)                      # every WRITE has its CmdSN before the READ takes one
+            nursery.start_soon(read_ordered)
+        read = results["read"]
+        assert read.status == 0  # type: ignore[attr-defined]
+        for lba, data in blocks.items():
+            assert read.data[lba * 512:(lba + 1) * 512] == data  # type: ignore[attr-defined]

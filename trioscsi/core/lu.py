@@ -18,7 +18,7 @@ from ..emu.supervisor import DeviceInfo, Emulator, EmulatorLost, EmulatorUnavail
 from ..scsi.opcodes import CommandSpec, DeviceType, lookup
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from . import identity, pr_store
-from .nexus import Command, Nexus, Response
+from .nexus import Command, Nexus, Response, TaskAttribute
 from .reservations import Conflict, Reservations
 from .unit_attention import UnitAttentions
 
@@ -60,6 +60,11 @@ class Task:
     scope: trio.CancelScope
     ended: trio.Event = field(default_factory=trio.Event)
     aborted: bool = False
+    attr: int = TaskAttribute.SIMPLE
+    seq: int = 0                       # delivery order within the LU's task set
+
+
+_ORDERING = (TaskAttribute.ORDERED, TaskAttribute.HEAD_OF_QUEUE)
 
 
 @dataclass
@@ -83,6 +88,8 @@ class LogicalUnit:
         self.reservations = Reservations(pr_store.load(path) if path else None, aptpl_capable=path is not None)
         self._persist_lock = trio.Lock()
         self.tasks: set[Task] = set()
+        self._delivered = 0                 # tasks admitted so far: their order in the task set
+        self._ordering_tasks = 0            # live ORDERED and HEAD OF QUEUE tasks (none: SIMPLE never waits)
         self._one_at_a_time = trio.Lock()
         # Removable media (docs/emulator-protocol.md 10): the drive's last reported position, kept here so a
         # restarted drive emulator is put back exactly where the initiator believes the tape is.
@@ -167,6 +174,9 @@ class LogicalUnit:
     # ---- the pipeline -----------------------------------------------------------------------------------
 
     async def execute(self, cmd: Command, *, read_only: bool = False) -> Response:
+        task = cmd.admitted
+        if task is not None and (task.attr or self._ordering_tasks):    # all SIMPLE: nothing to wait for
+            await self._wait_turn(task)
         spec = lookup(self.device_type, cmd.cdb[0])
         read_only = read_only or self.options.read_only
         try:
@@ -307,15 +317,33 @@ class LogicalUnit:
             await task.ended.wait()
         return len(victims)
 
-    def admit(self, nexus: Nexus, tag: int) -> Task:
+    def admit(self, nexus: Nexus, tag: int, attr: int = TaskAttribute.SIMPLE) -> Task:
         """Register a delivered command; its transport runs it inside `task.scope` and calls `release`."""
-        task = Task(nexus, tag, trio.CancelScope())
+        self._delivered += 1
+        task = Task(nexus, tag, trio.CancelScope(), attr=attr, seq=self._delivered)
         self.tasks.add(task)
+        if attr in _ORDERING:
+            self._ordering_tasks += 1
         return task
 
     def release(self, task: Task) -> None:
-        self.tasks.discard(task)
+        if task in self.tasks:
+            self.tasks.discard(task)
+            if task.attr in _ORDERING:
+                self._ordering_tasks -= 1
         task.ended.set()
+
+    async def _wait_turn(self, task: Task) -> None:
+        """SAM-5 8.6 (restricted reordering): a SIMPLE task waits for every older ORDERED and HEAD OF QUEUE
+        task, an ORDERED task for every older task; a HEAD OF QUEUE task runs at once.  Delivery order (CmdSN
+        order for iSCSI) decides what is older."""
+        if task.attr == TaskAttribute.HEAD_OF_QUEUE or (task.attr != TaskAttribute.ORDERED
+                                                        and not self._ordering_tasks):
+            return
+        every = task.attr == TaskAttribute.ORDERED
+        for older in sorted((t for t in self.tasks if t.seq < task.seq and (every or t.attr in _ORDERING)),
+                            key=lambda t: t.seq):
+            await older.ended.wait()
 
     def find(self, nexus: Nexus, tag: int | None = None) -> list[Task]:
         return [t for t in self.tasks if t.nexus == nexus and (tag is None or t.tag == tag)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ class Command:
     data_out: bytes | memoryview = b""
     xfer: int = 0                  # bytes of data-in the initiator will accept
     attr: int = TaskAttribute.SIMPLE
-    admitted: bool = False         # registered in the task set at delivery (see ScsiTarget.admit)
+    admitted: Any = None           # its task-set entry, registered at delivery (see ScsiTarget.admit)
 
 
 @dataclass(slots=True)

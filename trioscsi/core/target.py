@@ -13,7 +13,7 @@ from ..scsi.opcodes import DeviceType
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from .access import AccessControl, LunMapping
 from .lu import LogicalUnit, Task, TaskAborted
-from .nexus import Command, Nexus, Response, TmfFunction, TmfResponse, encode_lun
+from .nexus import Command, Nexus, Response, TaskAttribute, TmfFunction, TmfResponse, encode_lun
 
 log = logging.getLogger("trioscsi.core")
 
@@ -90,11 +90,12 @@ class ScsiTarget:
 
     # ---- task management (SAM-5 7) --------------------------------------------------------------------------
 
-    def admit(self, nexus: Nexus, lun: int, tag: int) -> Task | None:
+    def admit(self, nexus: Nexus, lun: int, tag: int, attr: int = TaskAttribute.SIMPLE) -> Task | None:
         """Enter a command into its LU's task set when it is delivered (in CmdSN order), so task management
-        sees exactly the commands that preceded it; None when the LUN is not mapped."""
+        sees exactly the commands that preceded it and task attributes order it; None when the LUN is not
+        mapped."""
         mapping = self.lun_map(nexus).get(lun)
-        return mapping.lu.admit(nexus, tag) if mapping is not None else None
+        return mapping.lu.admit(nexus, tag, attr) if mapping is not None else None
 
     def release(self, nexus: Nexus, lun: int, task: Task) -> None:
         mapping = self.lun_map(nexus).get(lun)

@@ -320,7 +320,7 @@ class Connection(StatusStamp):
             session.window.started()
             assert session.commands is not None and session.target is not None
             lun = decode_lun(item.lun)
-            task.core = session.target.admit(session.nexus, lun if lun is not None else 0xFFFF, item.itt)
+            task.core = session.target.admit(session.nexus, lun if lun is not None else 0xFFFF, item.itt, item.attr)
             session.commands.start_soon(self._run_command, task)
         self._sequence(pdu, start)
 
@@ -373,7 +373,7 @@ class Connection(StatusStamp):
             await self._gather(session, task)
         command = Command(session.nexus, lun if lun is not None else 0xFFFF, cdb, tag=pdu.itt,
                           data_out=task.buffer[:task.received] if pdu.write else b"",
-                          xfer=pdu.edtl if pdu.read else 0, attr=pdu.attr, admitted=task.core is not None)
+                          xfer=pdu.edtl if pdu.read else 0, attr=pdu.attr, admitted=task.core)
         if not pdu.read and not pdu.write and pdu.edtl:
             pass  # a transfer length with neither R nor W: the data has nowhere to go; residual reported
         try:
