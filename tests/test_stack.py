@@ -244,8 +244,9 @@ async def test_target_warm_reset_keeps_sessions_and_cold_reset_closes_every_sess
             await ini.closed.wait()
             await other.closed.wait()
         assert len(server.iscsi.registry) == 0
-        async with session(port) as again:
-            await first_command(again)
+        async with session(port) as again:            # the same initiator port: its nexus was lost
+            ua = await again.scsi(bytes(6))
+            assert (ua.sense_key, ua.asc) == (6, 0x2907)
 
 
 
@@ -398,3 +399,18 @@ async def test_ordered_command_sees_every_older_write(tmp_path: object) -> None:
         assert read.status == 0  # type: ignore[attr-defined]
         for lba, data in blocks.items():
             assert read.data[lba * 512:(lba + 1) * 512] == data  # type: ignore[attr-defined]
+
+
+async def test_a_reconnecting_initiator_port_is_told_its_nexus_was_lost(tmp_path: object) -> None:
+    """SAM-5 6.3.4: the same initiator port (name and ISID) logging in again after its session ended gets
+    I_T NEXUS LOSS OCCURRED; a new ISID is a new nexus and gets the power-on unit attention."""
+    isid = b"\x80\x00\x00\x00\x00\x07"
+    async with running_server(tmp_path) as (_, port):
+        async with session(port, isid=isid) as ini:
+            await first_command(ini)
+        async with session(port, isid=isid) as again:
+            ua = await again.scsi(bytes(6))
+            assert (ua.status, ua.sense_key, ua.asc) == (2, 6, 0x2907)
+            assert (await again.scsi(bytes(6))).status == 0
+        async with session(port, isid=b"\x80\x00\x00\x00\x00\x08") as other_port:
+            await first_command(other_port)

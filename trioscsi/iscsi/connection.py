@@ -224,6 +224,12 @@ class Connection(StatusStamp):
         self.reader.data_digest = params.data_digest
         self.reader.max_recv_data_segment_length = params.target_max_recv_data_segment_length
         self.max_send_segment = params.initiator_max_recv_data_segment_length
+        if session.replaces is not None:
+            # The old nexus must be gone (its tasks ended, its reservation and prevention released) before
+            # the new one's first command, or the old session's cleanup would land on the new nexus.
+            with trio.move_on_after(self.service.logout_grace):
+                await session.replaces.ended.wait()
+            session.replaces = None
         await self.service.start_session(session)
         session.connections.add(self)
         self.session = session

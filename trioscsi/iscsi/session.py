@@ -46,6 +46,7 @@ class Session:
         self.commands: trio.Nursery | None = None
         self._closed = trio.Event()
         self.ended = trio.Event()
+        self.replaces: Session | None = None    # the session this one reinstates (RFC 7143 6.3.5)
 
     @property
     def is_discovery(self) -> bool:
@@ -81,6 +82,7 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._by_tsih: dict[int, Session] = {}
+        self._ending: set[Session] = set()      # removed, but their commands may not have ended yet
         self._tsihs: Iterator[int] = itertools.cycle(range(1, 0x10000))
 
     def __iter__(self) -> Iterator[Session]:
@@ -97,14 +99,21 @@ class SessionRegistry:
                     or session.initiator_name != outcome.initiator_name:
                 raise LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"no session with TSIH {outcome.tsih}")
             raise LoginFailed(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections=1: no second connection")
+        replaced = None
         for old in self:
             if (old.initiator_name, old.isid, old.target_name) == (outcome.initiator_name, outcome.isid,
                                                                    outcome.target_name):
                 log.info("session reinstatement: %s replaces TSIH %d", old.nexus.initiator_port, old.tsih)
                 self.remove(old)
                 old.close()
+        self._ending = {s for s in self._ending if not s.ended.is_set()}
+        for old in self._ending:          # a dropped session of the same initiator port, still cleaning up
+            if (old.initiator_name, old.isid, old.target_name) == (outcome.initiator_name, outcome.isid,
+                                                                   outcome.target_name):
+                replaced = old
         tsih = self._free_tsih()
         session: Session = make(tsih)
+        session.replaces = replaced
         self._by_tsih[tsih] = session
         return session
 
@@ -117,3 +126,5 @@ class SessionRegistry:
     def remove(self, session: Session) -> None:
         if self._by_tsih.get(session.tsih) is session:
             del self._by_tsih[session.tsih]
+            if not session.ended.is_set():
+                self._ending.add(session)
