@@ -384,7 +384,7 @@ async def test_ordered_command_sees_every_older_write(tmp_path: object) -> None:
     """An ORDERED READ delivered after a burst of SIMPLE WRITEs runs only after all of them ended."""
     async with running_server(tmp_path) as (_, port), session(port) as ini:
         await first_command(ini)
-        blocks = {lba: os.urandom(512) for lba in range(0, 64, 4)}
+        blocks = {lba: os.urandom(512) for lba in range(0, 64, 8)}     # 8 + 1 commands: within queue_depth
         results: dict[str, object] = {}
 
         async def read_ordered() -> None:
