@@ -112,10 +112,10 @@ class SessionRegistry:
                                                                    outcome.target_name):
                 replaced = old
         tsih = self._free_tsih()
-        session: Session = make(tsih)
-        session.replaces = replaced
-        self._by_tsih[tsih] = session
-        return session
+        new: Session = make(tsih)
+        new.replaces = replaced
+        self._by_tsih[tsih] = new
+        return new
 
     def _free_tsih(self) -> int:
         for tsih in self._tsihs:
