@@ -1,15 +1,16 @@
-"""Text negotiation (RFC 7143 6, 12.1, 13): key table, result functions, the target Negotiator, text format."""
-from __future__ import annotations
+"""Text negotiation by the target Negotiator (RFC 7143 6, 12.1, 13): values negotiated through the result
+functions, logins as real initiators send them, Reject and NotUnderstood, discovery sessions, burst lengths, the
+target's own offers, login-failing errors, full feature phase negotiation, login statuses and settings, and random
+requests.
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import fields
+The key table itself is tested in test_iscsi_keys.py, the text format in test_iscsi_text.py."""
+from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from trioscsi.iscsi.keys import (KEYS, KeyType, Phase, Scope, Sender, evaluation_rank, is_extension, lookup,
-                                 parse_number, result_and, result_list, result_max, result_min, result_or)
+from negotiation_helpers import _key_name, fails_with
+from trioscsi.iscsi.keys import KEYS, KeyType, parse_number
 from trioscsi.iscsi.negotiation import (LoginStatus, NegotiationError, Negotiator, SessionParams, TargetSettings,
                                         encode_text, parse_text)
 
@@ -35,81 +36,7 @@ def answer(neg: Negotiator, stage: int = OPERATIONAL, **keys: str) -> dict[str, 
     return dict(neg.respond(list(keys.items()), stage=stage))
 
 
-@contextmanager
-def fails_with(status: LoginStatus) -> Iterator[None]:
-    with pytest.raises(NegotiationError) as info:
-        yield
-    assert info.value.status == status, info.value
-
-
-# ------------------------------------------------------------------------------------------------ the key table
-
-def test_table_covers_every_rfc7143_key() -> None:
-    expected = {"HeaderDigest", "DataDigest", "MaxConnections", "SendTargets", "TargetName", "InitiatorName",
-                "TargetAlias", "InitiatorAlias", "TargetAddress", "TargetPortalGroupTag", "InitialR2T",
-                "ImmediateData", "MaxRecvDataSegmentLength", "MaxBurstLength", "FirstBurstLength",
-                "DefaultTime2Wait", "DefaultTime2Retain", "MaxOutstandingR2T", "DataPDUInOrder",
-                "DataSequenceInOrder", "ErrorRecoveryLevel", "SessionType", "AuthMethod", "TaskReporting",
-                "iSCSIProtocolLevel", "OFMarker", "IFMarker", "OFMarkInt", "IFMarkInt",
-                "CHAP_A", "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R"}
-    assert expected <= set(KEYS)
-
-
-@pytest.mark.parametrize("name, kind, default", [
-    ("InitialR2T", KeyType.BOOLEAN_OR, "Yes"), ("ImmediateData", KeyType.BOOLEAN_AND, "Yes"),
-    ("MaxBurstLength", KeyType.NUMERIC_MIN, "262144"), ("FirstBurstLength", KeyType.NUMERIC_MIN, "65536"),
-    ("DefaultTime2Wait", KeyType.NUMERIC_MAX, "2"), ("DefaultTime2Retain", KeyType.NUMERIC_MIN, "20"),
-    ("MaxRecvDataSegmentLength", KeyType.NUMERIC_DECLARATIVE, "8192"), ("HeaderDigest", KeyType.LIST, "None"),
-    ("DataPDUInOrder", KeyType.BOOLEAN_OR, "Yes"), ("ErrorRecoveryLevel", KeyType.NUMERIC_MIN, "0"),
-    ("iSCSIProtocolLevel", KeyType.NUMERIC_MIN, "1"), ("TaskReporting", KeyType.LIST, "RFC3720"),
-])
-def test_key_types_and_defaults_follow_rfc7143_13(name: str, kind: KeyType, default: str) -> None:
-    spec = KEYS[name]
-    assert (spec.type, spec.default) == (kind, default)
-
-
-def test_every_param_named_by_the_table_exists() -> None:
-    names = {f.name for f in fields(SessionParams)}
-    assert {spec.param for spec in KEYS.values() if spec.param} <= names
-
-
-def test_scopes_phases_and_senders() -> None:
-    assert KEYS["HeaderDigest"].scope is Scope.CONNECTION and not KEYS["HeaderDigest"].leading_only
-    assert KEYS["MaxBurstLength"].leading_only and KEYS["SessionType"].leading_only
-    assert Phase.SECURITY in KEYS["InitiatorName"].phases          # Any-Stage
-    assert Phase.SECURITY not in KEYS["MaxRecvDataSegmentLength"].phases
-    assert KEYS["SendTargets"].phases == Phase.FULL_FEATURE
-    assert KEYS["CHAP_C"].phases == Phase.SECURITY and KEYS["CHAP_C"].type is KeyType.AUTH
-    assert KEYS["TargetPortalGroupTag"].senders == Sender.TARGET
-    assert lookup("X-com.example.thing") is None and is_extension("X-com.example.thing")
-
-
-def test_evaluation_rank_decides_relevance_first() -> None:
-    assert evaluation_rank("SessionType") < evaluation_rank("InitialR2T") < evaluation_rank("FirstBurstLength")
-    assert evaluation_rank("AuthMethod") < evaluation_rank("CHAP_A")
-
-
-@pytest.mark.parametrize("text, number", [("0", 0), ("8192", 8192), ("0x2000", 8192), ("0X10", 16),
-                                          ("", None), ("-1", None), ("1e3", None), ("٣", None), ("9" * 30, None),
-                                          (" 1", None), ("0x", None)])
-def test_parse_number(text: str, number: int | None) -> None:
-    assert parse_number(text) == number
-
-
-# ------------------------------------------------------------------------------------------------ result functions
-
-@pytest.mark.parametrize("a, b", [(True, True), (True, False), (False, True), (False, False)])
-def test_boolean_result_functions(a: bool, b: bool) -> None:
-    assert result_and(a, b) is (a and b)
-    assert result_or(a, b) is (a or b)
-
-
-def test_numeric_and_list_result_functions() -> None:
-    assert result_min(65536, 262144) == 65536 and result_max(0, 2) == 2
-    assert result_list(["CRC32C", "None"], ("None", "CRC32C")) == "CRC32C"
-    assert result_list(["X-foo", "None"], ("None", "CRC32C")) == "None"
-    assert result_list(["CRC32C"], ("None",)) is None       # "None" is valid only if offered
-
+# ------------------------------------------------------------------------------------------------ negotiated values
 
 @pytest.mark.parametrize("ours, offered, result", [
     (False, "Yes", "Yes"), (False, "No", "No"), (True, "No", "Yes"), (True, "Yes", "Yes")])
@@ -539,37 +466,6 @@ def test_full_feature_negotiator_for_an_existing_session() -> None:
     assert neg.passthrough == [("SendTargets", "All")] and neg.params is params
 
 
-# ------------------------------------------------------------------------------------------------ text format
-
-def test_parse_and_encode_text() -> None:
-    data = b"InitiatorName=iqn.x\0TargetAlias=caf\xc3\xa9\0Empty=\0Eq=a=b\0"
-    assert parse_text(data) == [("InitiatorName", "iqn.x"), ("TargetAlias", "café"), ("Empty", ""),
-                                ("Eq", "a=b")]
-    assert parse_text(memoryview(data)) == parse_text(data)
-    assert encode_text(parse_text(data)) == data
-    assert parse_text(b"") == []
-    assert parse_text(b"A=1\0\0\0\0") == [("A", "1")]         # padding NULs
-    assert parse_text(b"A=1\0B=2") == [("A", "1"), ("B", "2")]   # no final NUL
-    with pytest.raises(ValueError):
-        encode_text([("A=B", "1")])
-
-
-@pytest.mark.parametrize("data", [
-    b"NoEquals\0", b"=value\0", b"K" * 64 + b"=1\0", b"Bad Key=1\0", b"K\xff=1\0", b"Key=\xff\xfe\0",
-    b"InitiatorAlias=" + b"a" * 256 + b"\0", b"HeaderDigest=None," + b"a" * 256 + b"\0",
-    b"InitiatorName=iqn." + b"a" * 220 + b"\0", b"X-big=" + b"a" * 8193 + b"\0"])
-def test_malformed_text_fails(data: bytes) -> None:
-    with fails_with(LoginStatus.INITIATOR_ERROR):
-        parse_text(data)
-
-
-def test_length_limits_at_the_boundary() -> None:
-    assert parse_text(b"K" * 63 + b"=1\0")[0][0] == "K" * 63
-    assert parse_text(b"InitiatorAlias=" + b"a" * 255 + b"\0")
-    assert parse_text(b"CHAP_C=0x" + b"ab" * 1024 + b"\0")                      # 1024-byte challenge
-    assert parse_text(b"X-big=" + b"a" * 8192 + b"\0")
-
-
 # ------------------------------------------------------------------------------------------------ statuses and settings
 
 def test_login_status_codes() -> None:
@@ -596,7 +492,6 @@ _KNOWN = sorted(KEYS)
 _VALUES = ["Yes", "No", "None", "CRC32C", "None,CRC32C", "0", "1", "2", "512", "8192", "65536", "262144",
            "16777215", "16777216", "0x10", "Reject", "Irrelevant", "NotUnderstood", "", "Normal", "Discovery",
            "CHAP,None", "All", INITIATOR, TARGET, "RFC3720,FastAbort", "5"]
-_key_name = st.from_regex(r"[A-Za-z0-9.+@_:#-]{1,63}", fullmatch=True)   # anything parse_text lets through
 _key = st.one_of(st.sampled_from(_KNOWN), st.sampled_from(["X-foo", "X#bar", "Unknown"]), _key_name)
 _value = st.one_of(st.sampled_from(_VALUES), st.text(max_size=20))
 _pairs = st.lists(st.tuples(_key, _value), max_size=12)
@@ -630,21 +525,3 @@ def test_random_requests_raise_only_negotiation_error(requests: list[tuple[int, 
         _check_answers(out)
         assert parse_text(encode_text(out)) == out
     assert neg.params.first_burst_length <= neg.params.max_burst_length
-
-
-@hsettings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300))
-def test_random_bytes_parse_or_fail_cleanly(data: bytes) -> None:
-    try:
-        pairs = parse_text(data)
-    except NegotiationError as exc:
-        assert exc.status is LoginStatus.INITIATOR_ERROR
-    else:
-        assert all(k and "=" not in k for k, _ in pairs)
-
-
-@given(st.lists(st.tuples(_key_name,
-                          st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\0,"),
-                                  max_size=40)), max_size=8))
-def test_encode_parse_round_trip(pairs: list[tuple[str, str]]) -> None:
-    assert parse_text(encode_text(pairs)) == pairs

@@ -1,7 +1,11 @@
-"""Persistent reservations (SPC-4 5.13, 6.16, 6.17) and SPC-2 RESERVE/RELEASE, as a pure state machine.
+"""Persistent reservations (SPC-4 5.13, 6.17) as a pure state machine: every PERSISTENT RESERVE OUT action
+against every reservation type from the holder, a registrant and an unregistered initiator; which commands
+conflict under each type; ownership, preemption and the generation counter; REGISTER AND MOVE.
 
 Expectations come from SPC-4 and from what libiscsi's iscsi-test-cu checks (test_prout_reserve_access.c,
-test_prout_reserve_ownership.c, test_prout_preempt.c, test_prin_*.c, test_reserve6_*.c).
+test_prout_reserve_ownership.c, test_prout_preempt.c). CDB and parameter list checks and PERSISTENT RESERVE IN
+data are in test_reservations_cdb.py, SPC-2 RESERVE/RELEASE in test_reservations_spc2.py, the state interface
+and random command sequences in test_reservations_state.py; shared helpers in reservation_helpers.py.
 """
 from __future__ import annotations
 
@@ -10,100 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as hs
 
+from reservation_helpers import (A, AR, B, BAD, C, CLEAR, D, EA, EAAR, EARO, INQUIRY, INVALID_PARAM,
+                                 INVALID_RELEASE, KA, KB, MODE_SENSE6, NAMES, NEW, PLL_ERROR, PREEMPT,
+                                 PREEMPT_AND_ABORT, READ10, REGISTER, REGISTER_AND_MOVE, REGISTRATIONS_PREEMPTED,
+                                 RELEASE, RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED, RESERVE, RIEK, RO, TYPES,
+                                 WE, WEAR, WERO, WRITE10, allowed, check_condition, move, move_params, out,
+                                 prin_cdb, prout_cdb, reserved, status, summary, uas)
 from trioscsi.core.nexus import Nexus
-from trioscsi.core.pr_state import (LocalState, PrState, iscsi_transport_id, parse_transport_id,
-                                    transport_id_of)
-from trioscsi.core.reservations import Conflict, Effects, PrType, ProutAction, Reservations
-from trioscsi.scsi.sense import Asc, CheckCondition, SenseKey, Status
-
-T = "iqn.2026-11.org.trioscsi:t"
-
-
-def nexus(name: str, isid: int, rel: int = 1) -> Nexus:
-    iqn = f"iqn.x:{name}"
-    return Nexus(f"{iqn},i,0x{isid:012x}", f"{T},t,0x{rel:04x}", iqn, rel)
-
-
-A, B, C, D = nexus("a", 1), nexus("b", 2), nexus("c", 3), nexus("d", 4)
-A2 = nexus("a", 1, rel=2)                       # A's initiator port through a second target port
-NAMES = {"iqn.x:a,i,0x000000000001": "A", "iqn.x:b,i,0x000000000002": "B", "iqn.x:c,i,0x000000000003": "C",
-         "iqn.x:d,i,0x000000000004": "D"}
-KA, KB, NEW, BAD = 0xAAAA0000000000A1, 0xBBBB0000000000B2, 0x5E5E00000000000E, 0xBAD
-WE, EA, WERO, EARO, WEAR, EAAR = 1, 3, 5, 6, 7, 8
-TYPES = [WE, EA, WERO, EARO, WEAR, EAAR]
-AR, RO = {WEAR, EAAR}, {WERO, EARO}
-REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, RIEK, REGISTER_AND_MOVE = range(8)
-RESERVATIONS_PREEMPTED, RESERVATIONS_RELEASED, REGISTRATIONS_PREEMPTED = 0x2A03, 0x2A04, 0x2A05
-INVALID_PARAM, INVALID_CDB, PLL_ERROR, INVALID_RELEASE = 0x2600, 0x2400, 0x1A00, 0x2604
-
-
-def prout_cdb(action: int, ptype: int = 0, length: int = 24, scope: int = 0) -> bytes:
-    return struct.pack(">BBBxxIB", 0x5F, action, scope << 4 | ptype, length, 0)
-
-
-def prin_cdb(action: int, alloc: int = 8192) -> bytes:
-    return struct.pack(">BB5xHB", 0x5E, action, alloc, 0)
-
-
-def params(key: int = 0, sa_key: int = 0, *, aptpl: bool = False, spec_i_pt: bool = False,
-           all_tg_pt: bool = False, tids: bytes = b"") -> bytes:
-    flags = (8 if spec_i_pt else 0) | (4 if all_tg_pt else 0) | (1 if aptpl else 0)
-    data = struct.pack(">QQ4xBxxx", key, sa_key, flags)
-    return data + struct.pack(">I", len(tids)) + tids if spec_i_pt else data
-
-
-def move_params(key: int, sa_key: int, tid: bytes, rel: int = 1, *, unreg: bool = False,
-                aptpl: bool = False) -> bytes:
-    return struct.pack(">QQxBHI", key, sa_key, (2 if unreg else 0) | (1 if aptpl else 0), rel, len(tid)) + tid
-
-
-def out(r: Reservations, who: Nexus, action: int, key: int = 0, sa_key: int = 0, ptype: int = 0,
-        **kw: Any) -> Effects:
-    data = params(key, sa_key, **kw)
-    return r.persistent_reserve_out(who, prout_cdb(action, ptype, len(data)), data)
-
-
-def move(r: Reservations, who: Nexus, key: int, sa_key: int, ptype: int, to: Nexus, **kw: Any) -> Effects:
-    data = move_params(key, sa_key, iscsi_transport_id(to.initiator_port), to.relative_port, **kw)
-    return r.persistent_reserve_out(who, prout_cdb(REGISTER_AND_MOVE, ptype, len(data)), data)
-
-
-def status(fn: Callable[[], Any]) -> Any:
-    """"GOOD" (with the return value), "CONFLICT", or (sense key, asc) of the CHECK CONDITION."""
-    try:
-        return "GOOD", fn()
-    except Conflict as e:
-        assert e.status == Status.RESERVATION_CONFLICT == 0x18
-        return "CONFLICT", None
-    except CheckCondition as cc:
-        return (cc.key, cc.asc), None
-
-
-def summary(r: Reservations) -> tuple[dict[str, int], str | None, int]:
-    """({name: key}, holder name or "ALL" or None, type)."""
-    st = r.state
-    regs = {NAMES.get(reg.initiator_port, reg.initiator_port): reg.key for reg in st.registrations.values()}
-    holder = "ALL" if st.type in AR else (NAMES[st.registrations[st.holder].initiator_port] if st.holder else None)
-    return regs, holder, st.type
-
-
-def uas(effects: Effects | None, *among: Nexus) -> set[tuple[str, int]]:
-    if effects is None:
-        return set()
-    return {(NAMES[n.initiator_port], asc) for n, asc in effects.attentions_for(among or (A, B, C, D))}
-
-
-def reserved(ptype: int) -> Reservations:
-    """A holds a `ptype` reservation with key KA; B is registered with KB; C is not registered."""
-    r = Reservations()
-    out(r, A, REGISTER, 0, KA)
-    out(r, B, REGISTER, 0, KB)
-    out(r, A, RESERVE, KA, ptype=ptype)
-    assert r.state.generation == 2
-    return r
+from trioscsi.core.pr_state import LocalState, PrState, iscsi_transport_id
+from trioscsi.core.reservations import Effects, PrType, Reservations
+from trioscsi.scsi.sense import SenseKey
 
 
 # ---- every PR OUT action x every type x holder / registrant / unregistered -------------------------------
@@ -206,12 +127,6 @@ def test_prout_action_matrix(action: str, ptype: int, who: str) -> None:
 # type: (registered can read, registered can write, unregistered can read, unregistered can write)
 ACCESS = {
     EA: (0, 0, 0, 0), WE: (1, 0, 1, 0), EARO: (1, 1, 0, 0), WERO: (1, 1, 1, 0), EAAR: (1, 1, 0, 0), WEAR: (1, 1, 1, 0)}
-READ10, WRITE10, MODE_SENSE6, INQUIRY = bytes((0x28,)) + bytes(9), bytes((0x2A,)) + bytes(9), bytes(6), \
-    bytes((0x12, 0, 0, 0, 96, 0))
-
-
-def allowed(r: Reservations, who: Nexus, cdb: bytes, pr_class: str) -> bool:
-    return status(lambda: r.check(who, cdb, pr_class))[0] == "GOOD"
 
 
 @pytest.mark.parametrize("ptype", TYPES, ids=[PrType(t).name for t in TYPES])
@@ -321,82 +236,6 @@ def test_generation_not_bumped_by_reserve_release_or_failures() -> None:
     assert r.state.generation == 0
 
 
-# ---- CDB and parameter list checks ------------------------------------------------------------------------
-
-def check_condition(fn: Callable[[], Any]) -> CheckCondition:
-    with pytest.raises(CheckCondition) as info:
-        fn()
-    assert info.value.key == SenseKey.ILLEGAL_REQUEST
-    return info.value
-
-
-def test_prout_cdb_and_parameter_errors_change_nothing() -> None:
-    r = reserved(WE)
-    before = r.state
-    assert check_condition(lambda: r.persistent_reserve_out(A, prout_cdb(8), params(KA))).field == (1, 4)
-    assert check_condition(lambda: out(r, A, RESERVE, KA, ptype=2)).field == (2, 3)
-    assert check_condition(lambda: r.persistent_reserve_out(A, prout_cdb(RESERVE, WE, scope=1),
-                                                            params(KA))).field == (2, 7)
-    for length in (0, 23, 25, 28):
-        cc = check_condition(lambda: r.persistent_reserve_out(A, prout_cdb(REGISTER, 0, length),
-                                                              params(KA, NEW).ljust(length, b"\0")))
-        assert cc.asc == PLL_ERROR
-    assert check_condition(lambda: r.persistent_reserve_out(A, prout_cdb(REGISTER, 0, 24), b"\0" * 20)).asc \
-        == PLL_ERROR                                              # less data than the CDB announced
-    tids = iscsi_transport_id(C.initiator_port)
-    assert check_condition(lambda: out(r, A, RESERVE, KA, ptype=WE, spec_i_pt=True, tids=tids)).asc \
-        == INVALID_PARAM
-    assert check_condition(lambda: out(r, A, RIEK, KA, NEW, spec_i_pt=True, tids=tids)).asc == INVALID_PARAM
-    assert check_condition(lambda: out(r, A, REGISTER, KA, NEW, spec_i_pt=True, tids=tids)).asc == INVALID_CDB
-    assert r.state is before
-
-
-def test_spec_i_pt_registers_the_listed_ports() -> None:
-    r = Reservations()
-    name_only = iscsi_transport_id("iqn.x:c")                     # format 00b: every port of initiator c
-    tids = iscsi_transport_id(B.initiator_port.upper()) + name_only + iscsi_transport_id(A.initiator_port)
-    out(r, A, REGISTER, 0, KA, spec_i_pt=True, tids=tids)
-    assert summary(r)[0] == {"A": KA, "B": KA, "iqn.x:c": KA}
-    assert r.state.generation == 1
-    other_c = nexus("c", 99)
-    assert r.state.registration_of(other_c) is not None and r.state.registration_of(nexus("c", 3, rel=2)) is None
-    out(r, other_c, RESERVE, KA, ptype=EA)                        # c's ports are registered through port 1
-    assert allowed(r, nexus("c", 99), WRITE10, "write") and not allowed(r, A, READ10, "read")
-    r = Reservations()
-    bad = [tids + b"\x41\x00\x00\x14" + bytes(20),                # FC TransportID: not iSCSI
-           tids + iscsi_transport_id(B.initiator_port)[:-4],      # truncated
-           iscsi_transport_id("iqn.x:b,i,0x12")]                  # ISID not 12 hex digits
-    for data in bad:
-        assert check_condition(lambda: out(r, A, REGISTER, 0, KA, spec_i_pt=True, tids=data)).asc == INVALID_PARAM
-    assert r.state == PrState()
-
-
-def test_all_tg_pt_registers_every_target_port() -> None:
-    r = Reservations()
-    out(r, A, REGISTER, 0, KA, all_tg_pt=True)
-    assert r.state.registration_of(A2) is r.state.registration_of(A)
-    out(r, A2, RESERVE, KA, ptype=WE)
-    assert allowed(r, A, WRITE10, "write") and not allowed(r, B, WRITE10, "write")
-    out(r, B, REGISTER, 0, KB)
-    effects = out(r, B, CLEAR, KB)
-    assert {(n.relative_port, asc) for n, asc in effects.attentions_for([A, A2, B])} == \
-        {(1, RESERVATIONS_PREEMPTED), (2, RESERVATIONS_PREEMPTED)}
-    effects = out(Reservations(), A, REGISTER, 0, KA)
-    assert effects.attentions_for([A, A2]) == []
-
-
-def test_aptpl_capability() -> None:
-    r = Reservations(aptpl_capable=False)
-    assert check_condition(lambda: out(r, A, REGISTER, 0, KA, aptpl=True)).asc == INVALID_PARAM
-    out(r, A, REGISTER, 0, KA)
-    out(r, A, RESERVE, KA, ptype=WE, aptpl=True)                  # APTPL is ignored outside REGISTER*
-    r = Reservations()
-    out(r, A, REGISTER, 0, KA, aptpl=True)
-    assert r.state.aptpl and r.persistent_reserve_in(A, prin_cdb(2), 8)[3] & 1
-    out(r, A, REGISTER, KA, NEW)
-    assert not r.state.aptpl
-
-
 # ---- REGISTER AND MOVE ---------------------------------------------------------------------------------------
 
 def test_register_and_move() -> None:
@@ -429,234 +268,3 @@ def test_register_and_move_errors() -> None:
         assert cc.asc == asc
     assert status(lambda: move(r, A, BAD, NEW, WE, D))[0] == "CONFLICT"
     assert status(lambda: move(Reservations(), A, 0, NEW, WE, D))[0] == "CONFLICT"
-
-
-# ---- PERSISTENT RESERVE IN, byte for byte ----------------------------------------------------------------
-
-TID_A = b"\x45\x00\x00\x1c" + b"iqn.x:a,i,0x000000000001" + bytes(4)
-TID_B = b"\x45\x00\x00\x1c" + b"iqn.x:b,i,0x000000000002" + bytes(4)
-
-
-def test_read_keys() -> None:
-    r = Reservations()
-    assert r.persistent_reserve_in(A, prin_cdb(0), 8192) == bytes(8)
-    out(r, A, REGISTER, 0, KA)
-    out(r, B, REGISTER, 0, KB)
-    data = r.persistent_reserve_in(A, prin_cdb(0), 8192)
-    assert data.hex() == "00000002" "00000010" "aaaa0000000000a1" "bbbb0000000000b2"
-    assert r.persistent_reserve_in(A, prin_cdb(0, 8), 8).hex() == "00000002" "00000010"   # Truncate
-    assert r.persistent_reserve_in(A, prin_cdb(0), 12) == data[:12]
-
-
-def test_read_reservation() -> None:
-    r = Reservations()
-    out(r, A, REGISTER, 0, KA)
-    assert r.persistent_reserve_in(A, prin_cdb(1), 8192).hex() == "00000001" "00000000"
-    out(r, A, RESERVE, KA, ptype=WERO)
-    assert r.persistent_reserve_in(B, prin_cdb(1), 8192).hex() == \
-        "00000001" "00000010" "aaaa0000000000a1" "00000000" "00" "05" "0000"
-    out(r, A, RELEASE, KA, ptype=WERO)
-    out(r, A, RESERVE, KA, ptype=EAAR)
-    assert r.persistent_reserve_in(B, prin_cdb(1), 8192).hex() == \
-        "00000001" "00000010" "0000000000000000" "00000000" "00" "08" "0000"
-
-
-def test_report_capabilities() -> None:
-    r = Reservations()
-    assert r.persistent_reserve_in(A, prin_cdb(2), 8192).hex() == "0008" "1d" "b0" "ea01" "0000"
-    # CRH SIP_C ATP_C PTPL_C; TMV, ALLOW COMMANDS 011b; all six types (WR_EX_AR EX_AC_RO WR_EX_RO EX_AC WR_EX EX_AC_AR)
-    assert Reservations(aptpl_capable=False).persistent_reserve_in(A, prin_cdb(2), 8192)[2] == 0x1C
-
-
-def test_read_full_status() -> None:
-    r = Reservations()
-    assert r.persistent_reserve_in(A, prin_cdb(3), 8192) == bytes(8)
-    out(r, A, REGISTER, 0, KA)
-    out(r, B2 := nexus("b", 2, rel=2), REGISTER, 0, KB)
-    out(r, A, RESERVE, KA, ptype=EA)
-    data = r.persistent_reserve_in(A, prin_cdb(3), 8192)
-    desc_a = bytes.fromhex("aaaa0000000000a1" "00000000" "01" "03" "00000000" "0001" "00000020") + TID_A
-    desc_b = bytes.fromhex("bbbb0000000000b2" "00000000" "00" "00" "00000000" "0002" "00000020") + TID_B
-    assert data == bytes.fromhex("00000002" "00000070") + desc_a + desc_b
-    assert r.persistent_reserve_in(A, prin_cdb(3), 40) == data[:40]
-    out(r, B2, REGISTER, KB, 0)
-    out(r, B, REGISTER, 0, KB, all_tg_pt=True)
-    out(r, A, RELEASE, KA, ptype=EA)
-    out(r, A, RESERVE, KA, ptype=WEAR)
-    data = r.persistent_reserve_in(A, prin_cdb(3), 8192)
-    assert data[8 + 56:] == bytes.fromhex("bbbb0000000000b2" "00000000" "03" "07" "00000000" "0000" "00000020") \
-        + TID_B                                                   # ALL_TG_PT, R_HOLDER of a WEAR reservation
-
-
-def test_prin_service_action_range() -> None:
-    """PrinServiceactionRange.Range: 0-3 work, 4-0x1f are INVALID FIELD IN CDB."""
-    r = reserved(WE)
-    for action in range(4):
-        assert r.persistent_reserve_in(C, prin_cdb(action), 8192)
-    for action in range(4, 0x20):
-        cc = check_condition(lambda: r.persistent_reserve_in(C, prin_cdb(action), 8192))
-        assert cc.asc == INVALID_CDB and cc.sense()[15:18] == bytes((0xCC, 0, 1))
-
-
-def test_transport_ids() -> None:
-    assert iscsi_transport_id(A.initiator_port) == TID_A
-    assert transport_id_of(A) == TID_A and transport_id_of(Nexus("x", "t", "x", 1, b"\x01")) == b"\x01"
-    upper = TID_A[:4] + b"IQN.X:A,I,0X000000000001" + bytes(4) + b"trailing"
-    assert parse_transport_id(upper) == ("iqn.x:a,i,0x000000000001", upper[:32], 32)
-    short = iscsi_transport_id("iqn.x:c")
-    assert short == b"\x05\x00\x00\x14" + b"iqn.x:c" + bytes(13) and parse_transport_id(short)[0] == "iqn.x:c"
-    for bad in (b"\x45\x00", b"\x05\x00\x00\x03abc", b"\x85\x00\x00\x14" + bytes(20), TID_A[:-1],
-                b"\x05\x00\x00\x04abcd", b"\x05\x00\x00\x20" + b"iqn.x:a,i,0x000000000001" + bytes(8),
-                b"\x45\x00\x00\x14" + b"iqn.x:a" + bytes(13)):
-        with pytest.raises(ValueError):
-            parse_transport_id(bad)
-
-
-# ---- SPC-2 RESERVE / RELEASE and their coexistence with PRs -------------------------------------------------
-
-def test_reserve6_two_initiators() -> None:
-    """Reserve6.2Initiators."""
-    r = Reservations()
-    r.reserve6(A)
-    r.reserve6(A)                                                 # re-RESERVE by the holder
-    assert status(lambda: r.reserve6(B))[0] == "CONFLICT"
-    r.release6(B)                                                 # a no-op
-    assert allowed(r, A, MODE_SENSE6, "read") and not allowed(r, B, MODE_SENSE6, "read")
-    assert not allowed(r, B, bytes(6), "none")                    # TEST UNIT READY conflicts too (SPC-2)
-    assert allowed(r, B, INQUIRY, "none") and allowed(r, B, bytes((0xA0,)) + bytes(11), "none")
-    assert allowed(r, B, bytes((0x03, 0, 0, 0, 18, 0)), "none")
-    assert status(lambda: r.reserve6(B))[0] == "CONFLICT"
-    r.release6(A)
-    r.reserve6(B)
-    r.release6(B)
-    assert r.state == PrState()
-
-
-def test_reserve6_released_by_reset_and_nexus_loss_but_prs_survive() -> None:
-    r = Reservations()
-    r.reserve6(A)
-    assert r.nexus_lost(B).unit_attentions == [] and r.state.spc2_holder is not None
-    r.nexus_lost(A)
-    r.reserve6(B)
-    r.reset()
-    r.reserve6(C)
-    r.nexus_lost(A2)
-    assert not allowed(r, A, READ10, "read")
-    r.release6(C)
-    pr = reserved(EA)
-    pr.reset()
-    pr.nexus_lost(A)
-    assert summary(pr) == ({"A": KA, "B": KB}, "A", EA)
-
-
-def test_reserve10_third_party_refused() -> None:
-    r = Reservations()
-    assert check_condition(lambda: r.reserve6(A, bytes((0x56, 0x10)) + bytes(8))).field == (1, 4)
-    r.reserve6(A, bytes((0x56, 0x00)) + bytes(8))
-
-
-def test_persistent_reserve_commands_conflict_with_spc2_reservation() -> None:
-    r = Reservations()
-    r.reserve6(A)
-    for who in (A, B):
-        assert status(lambda: out(r, who, REGISTER, 0, KA))[0] == "CONFLICT"
-        assert status(lambda: r.persistent_reserve_in(who, prin_cdb(0), 8192))[0] == "CONFLICT"
-    assert r.state.registrations == {}
-
-
-@pytest.mark.parametrize("ptype", TYPES, ids=[PrType(t).name for t in TYPES])
-def test_compatible_reservation_handling(ptype: int) -> None:
-    """CRH=1 (SPC-4 5.13.3): holder / RO+AR registrants get GOOD and nothing happens; others conflict."""
-    r = reserved(ptype)
-    before = r.state
-    for action in (r.reserve6, r.release6):
-        action(A)
-        assert status(lambda: action(C))[0] == "CONFLICT"
-        assert status(lambda: action(B))[0] == ("GOOD" if ptype in RO | AR else "CONFLICT")
-    assert r.state == before
-    r = Reservations()
-    out(r, A, REGISTER, 0, KA)                                    # registrations but no reservation
-    for who in (A, B):
-        assert status(lambda: r.reserve6(who))[0] == "CONFLICT"
-        assert status(lambda: r.release6(who))[0] == "CONFLICT"
-
-
-# ---- the state interface ---------------------------------------------------------------------------------
-
-class RetryingBackend:
-    """Like a compare-and-swap backend that loses the race once: every change runs twice."""
-
-    def __init__(self) -> None:
-        self.local = LocalState()
-        self.runs = 0
-
-    def current(self) -> PrState:
-        return self.local.current()
-
-    def update(self, change: Callable[[PrState], Any]) -> Any:
-        self.runs += 1
-        change(self.local.current().copy())
-        return self.local.update(change)
-
-
-def test_changes_go_through_the_backend_and_may_be_retried() -> None:
-    backend = RetryingBackend()
-    r = Reservations(backend=backend)
-    out(r, A, REGISTER, 0, KA)
-    out(r, B, REGISTER, 0, KB)
-    out(r, A, RESERVE, KA, ptype=WERO)
-    effects = out(r, A, CLEAR, KA)
-    assert uas(effects) == {("B", RESERVATIONS_PREEMPTED)} and len(effects.unit_attentions) == 2
-    assert backend.runs == 4 and r.state.generation == 3
-
-
-def test_on_change_and_state_round_trip() -> None:
-    seen: list[PrState] = []
-    r = Reservations(on_change=seen.append)
-    out(r, A, REGISTER, 0, KA, all_tg_pt=True)
-    out(r, B, REGISTER, 0, KB)
-    out(r, A, RESERVE, KA, ptype=WE)
-    status(lambda: out(r, C, RESERVE, 0, ptype=WE))
-    assert len(seen) == 3 and seen[-1] is r.state
-    copy = PrState.from_dict(r.state.to_dict())
-    assert copy == r.state
-    restored = Reservations(copy)
-    assert not allowed(restored, B, WRITE10, "write") and allowed(restored, A2, WRITE10, "write")
-    for broken in ({**r.state.to_dict(), "holder": None}, {**r.state.to_dict(), "type": 2},
-                   {**r.state.to_dict(), "registrations": [{"key": 0}]}):
-        with pytest.raises(ValueError):
-            PrState.from_dict(broken)
-
-
-# ---- any sequence of commands keeps the state self-consistent ------------------------------------------
-KEY = hs.sampled_from([0, KA, KB, NEW, BAD, "own", "own", "holder"])      # resolved when the command runs
-ACTION = hs.sampled_from([REGISTER] * 3 + [RIEK, RESERVE, RESERVE, RESERVE, RELEASE, RELEASE, CLEAR, PREEMPT,
-                          PREEMPT, PREEMPT_AND_ABORT, REGISTER_AND_MOVE, 8])
-COMMAND = hs.tuples(hs.sampled_from([A, B, C, A2]), ACTION, KEY, KEY, hs.sampled_from(TYPES + [2]),
-                    hs.integers(0, 15), hs.sampled_from([b""] * 9 + [bytes(6)]))
-
-
-@settings(max_examples=300, deadline=None)
-@given(hs.sampled_from([0] + TYPES), hs.lists(COMMAND, min_size=5, max_size=30))
-def test_any_command_sequence_keeps_invariants(start: int, commands: list[tuple[Any, ...]]) -> None:
-    r = reserved(start) if start else Reservations()
-    for who, action, key, sa_key, ptype, flags, spc2 in commands:
-        gen = r.state.generation
-        own, holder = r.state.registration_of(who), r.state.registrations.get(r.state.holder or "")
-        key, sa_key = ({"own": own.key if own else 0, "holder": holder.key if holder else 0}.get(k, k)
-                       for k in (key, sa_key))
-        if spc2:
-            got, _ = status(lambda: (r.reserve6 if flags & 1 else r.release6)(who))
-        elif action == REGISTER_AND_MOVE:
-            got, _ = status(lambda: move(r, who, key, sa_key, ptype, D, unreg=bool(flags & 2)))
-        else:
-            got, _ = status(lambda: out(r, who, action, key, sa_key, ptype, aptpl=bool(flags & 1),
-                                        all_tg_pt=bool(flags & 4)))
-        state = r.state
-        assert PrState.from_dict(state.to_dict()) == state           # holder registered, AR has registrants
-        assert state.spc2_holder is None or not state.registrations
-        if got != "GOOD" or action in (RESERVE, RELEASE) or spc2:
-            assert state.generation == gen
-        for nexus_ in (A, B, C, D, A2):
-            if state.is_holder(state.registration_of(nexus_)):
-                r.check(nexus_, WRITE10, "write")
