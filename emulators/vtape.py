@@ -13,7 +13,6 @@ See docs/tape.md for the image format and the SCSI behaviour.
 from __future__ import annotations
 
 import hashlib
-import sys
 from typing import Any, Callable
 
 from emulators.pyemu.runner import ParamError, main
@@ -21,20 +20,8 @@ from emulators.pyemu.ssc import MAX_BLOCK, SscDevice
 
 
 class VtapeDevice(SscDevice):
-    """The SSC device plus the core's media control messages."""
-
-    def control(self, msg: dict[str, Any]) -> dict[str, Any] | None:
-        op, tag = msg.get("op"), msg.get("tag")
-        handler = {"load": self._load, "unload": self._unload, "restore": self._restore}.get(str(op))
-        if handler is None or not isinstance(tag, int):
-            print(f"vtape: ignoring {op!r} (unknown op or no tag)", file=sys.stderr)
-            return None
-        try:
-            extra = handler(msg)
-        except ValueError as exc:
-            return {"op": "done", "tag": tag, "status": 2, "message": str(exc), **self.state()}
-        self.report()
-        return {"op": "done", "tag": tag, "status": 0, **(extra or {}), **self.state()}
+    """The SSC device plus the core's media control messages (protocol §10.1)."""
+    device_name = "vtape"
 
     def _load(self, msg: dict[str, Any]) -> None:
         path = msg.get("path")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 3260
-BUILTIN_EMULATORS = ("vdisk", "null", "vtape", "vchanger")
+BUILTIN_EMULATORS = ("vdisk", "null", "vtape", "vchanger", "vcdrom")
 
 DEFAULT_CONFIG = """\
 # The embedded default: one demo target on loopback with a 1 GiB sparse disk, a null device and a tape library.

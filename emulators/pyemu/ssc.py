@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from .cartridge import (DATA, DENSITY, FILEMARK, HOST_ATTRIBUTES, SETMARK, Cartridge, CartridgeError,
                         mam_attributes)
+from .media import MediaControl
 from .sense import (Asc, ScsiError, SenseKey, build_sense, invalid_field, invalid_param, param_length_error,
                     write_protected)
 from .spc import VERSION_ISCSI, VERSION_SAM5, VERSION_SPC4, ModePage, Result, ScsiDevice, cmd
@@ -61,7 +62,7 @@ def _signed(raw: bytes) -> int:
     return int.from_bytes(raw, "big", signed=True)
 
 
-class SscDevice(ScsiDevice):
+class SscDevice(MediaControl, ScsiDevice):
     """A tape drive (peripheral type 1). ``block_size`` 0 is variable-block mode."""
 
     device_type = 1
@@ -130,14 +131,6 @@ class SscDevice(ScsiDevice):
         """What the core keeps to restore a restarted emulator (protocol §10)."""
         return {"path": self.path, "object": self.cart.pos if self.cart else 0, "loaded": self.loaded,
                 "block_size": self.block_size}
-
-    def report(self) -> None:
-        """Emit ``position`` if the state changed since the last report."""
-        state = self.state()
-        key = tuple(state.values())
-        if key != self._reported:
-            self._reported = key
-            self.emit("position", **state)
 
     def execute(self, cdb: bytes, data: Any, xfer: int) -> Result:
         result = super().execute(cdb, data, xfer)

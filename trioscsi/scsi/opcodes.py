@@ -190,10 +190,36 @@ SMC: dict[int, CommandSpec] = {
     0xB8: CommandSpec("READ ELEMENT STATUS", IN, _u24(7), pr_class="read"),
 }
 
+# MMC-6, a read-only CD/DVD-ROM drive. GET CONFIGURATION and GET EVENT STATUS NOTIFICATION are delivered with a
+# unit attention pending and leave it pending (MMC-6 4.1.6.1, as INQUIRY): sr polls media events with GESN and
+# must see them. Reading the disc and its layout conflicts only with exclusive-access reservations; the
+# drive's configuration and mechanism status are allowed for everyone, like READ CAPACITY. The writes are listed
+# so a read-only mapping refuses them itself (a ROM drive answers DATA PROTECT for them anyway).
+MMC: dict[int, CommandSpec] = {
+    0x1B: CommandSpec("START STOP UNIT", NONE, pr_class="write",
+                      pr_rule=lambda c: "none" if len(c) > 4 and c[4] & 0xF1 == 0x01 else "write"),
+    0x25: CommandSpec("READ CAPACITY", IN, lambda cdb, bs: 8, pr_class="none"),
+    0x28: CommandSpec("READ(10)", IN, _blocks(_u16(7)), pr_class="read"),
+    0x2A: CommandSpec("WRITE(10)", OUT, _blocks(_u16(7)), pr_class="write", writes_medium=True),
+    0x2E: CommandSpec("WRITE AND VERIFY(10)", OUT, _blocks(_u16(7)), pr_class="write", writes_medium=True),
+    0x42: CommandSpec("READ SUB-CHANNEL", IN, _u16(7), pr_class="read"),
+    0x43: CommandSpec("READ TOC/PMA/ATIP", IN, _u16(7), pr_class="read"),
+    0x46: CommandSpec("GET CONFIGURATION", IN, _u16(7), ua_exempt=True, pr_class="none"),
+    0x4A: CommandSpec("GET EVENT STATUS NOTIFICATION", IN, _u16(7), ua_exempt=True, pr_class="none"),
+    0x51: CommandSpec("READ DISC INFORMATION", IN, _u16(7), pr_class="read"),
+    0x52: CommandSpec("READ TRACK INFORMATION", IN, _u16(7), pr_class="read"),
+    0xA8: CommandSpec("READ(12)", IN, _blocks(_u32(6)), pr_class="read"),
+    0xAA: CommandSpec("WRITE(12)", OUT, _blocks(_u32(6)), pr_class="write", writes_medium=True),
+    0xB6: CommandSpec("SET STREAMING", OUT, _u16(9)),
+    0xBB: CommandSpec("SET CD SPEED", NONE),
+    0xBD: CommandSpec("MECHANISM STATUS", IN, _u16(8), pr_class="none"),
+}
+
 TABLES: dict[int, Mapping[int, CommandSpec]] = {
     DeviceType.DISK: {**SPC, **SBC},
     DeviceType.TAPE: {**SPC, **SSC},
     DeviceType.CHANGER: {**SPC, **SMC},
+    DeviceType.CDROM: {**SPC, **MMC},
 }
 
 
