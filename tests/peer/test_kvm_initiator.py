@@ -15,7 +15,7 @@ KVM = Path(os.environ.get("KVM_DIR", ROOT.parent / "shared" / "kvm-initiator"))
 
 
 @pytest.mark.peer
-def test_kernel_initiator_drives_disk_tape_and_changer() -> None:
+def test_kernel_initiator_drives_disk_cdrom_tape_and_changer() -> None:
     assert (KVM / "run-guest.sh").exists(), f"the kernel-initiator harness is missing at {KVM}"
     run = subprocess.run([str(ROOT / "scripts" / "kvm-test")], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "PORT": "3362"}, stdin=subprocess.DEVNULL)
@@ -25,8 +25,9 @@ def test_kernel_initiator_drives_disk_tape_and_changer() -> None:
     passed, failed = int(summary.group(1)), int(summary.group(2))
     failures = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
     assert failed == 0 and run.returncode == 0, "\n".join(failures) or run.stdout[-3000:]
-    assert passed >= 40, f"only {passed} checks ran"
-    for check in ("tape tell", "tape status at eod", "changer mtx load 1 0", "disk e2fsck -fn"):
+    assert passed >= 48, f"only {passed} checks ran"
+    for check in ("tape tell", "tape status at eod", "changer mtx load 1 0", "disk e2fsck -fn", "cd size",
+                  "cd dd md5"):
         assert f"PASS {check}" in run.stdout, f"{check} did not pass"
 
 
