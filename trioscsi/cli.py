@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("emulator", help="emulator tools: `trioscsi emulator check -- COMMAND ARGS...` "
                                          "runs the protocol checker against an emulator")
     commands.add_parser("admin", help="talk to a running server: `trioscsi admin [--state-dir DIR] status` "
-                                       "or `restart LU` (restart one emulator without failing a command)")
+                                       "`restart LU` (restart one emulator without failing a command), "
+                                       "`load LU PATH` / `unload LU` (change a CD-ROM's or tape drive's medium)")
     commands.add_parser("tape", help="create cartridges and libraries: `trioscsi tape cartridge|library --help`")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
@@ -80,8 +81,10 @@ def _admin(argv: list[str]) -> int:
     import socket
     parser = argparse.ArgumentParser(prog="trioscsi admin")
     parser.add_argument("--state-dir", default="state")
-    parser.add_argument("command", nargs="+", help="status | restart LU")
+    parser.add_argument("command", nargs="+", help="status | restart LU | load LU PATH | unload LU")
     args = parser.parse_args(argv)
+    if args.command[0] == "load" and len(args.command) == 3:
+        args.command[2] = os.path.abspath(args.command[2])      # the server resolves paths in its state dir
     path = os.path.join(args.state_dir, "admin.sock")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

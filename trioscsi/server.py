@@ -164,18 +164,29 @@ class Server:
         async with stream:
             with trio.move_on_after(60):
                 request = (await stream.receive_some(4096)).decode(errors="replace").split()
-                by_name = {e.spec.name: e for e in self.emulators}
-                if request[:1] == ["status"]:
-                    lines = [f"{e.spec.name} pid={e.pid} restarts={e.restarts} retried={e.retried_commands} "
-                             f"up={e.info is not None and not e.crash_looping}" for e in self.emulators]
-                    await stream.send_all(("\n".join(lines) + "\n").encode())
-                elif request[:1] == ["restart"] and len(request) == 2 and request[1] in by_name:
-                    await by_name[request[1]].restart()
-                    await by_name[request[1]].wait_ready()
-                    await stream.send_all(f"restarted {request[1]} (pid {by_name[request[1]].pid})\n".encode())
-                else:
-                    await stream.send_all(f"error: expected `status` or `restart LU` (LUs: "
-                                          f"{', '.join(by_name)})\n".encode())
+                await stream.send_all(await self.admin(request))
+
+    async def admin(self, request: list[str]) -> bytes:
+        """One admin request: `status`, `restart LU` (live upgrade of one emulator), `load LU PATH` and
+        `unload LU` (change the medium of a CD-ROM or tape drive).  The answer starts with `error:` on failure."""
+        by_name = {e.spec.name: e for e in self.emulators}
+        lus = {lu.name: lu for target in self._lus.values() for lu in target}
+        verb, args = (request[0], request[1:]) if request else ("", [])
+        if verb == "status" and not args:
+            lines = [f"{e.spec.name} pid={e.pid} restarts={e.restarts} retried={e.retried_commands} "
+                     f"up={e.info is not None and not e.crash_looping}" for e in self.emulators]
+            return ("\n".join(lines) + "\n").encode()
+        if verb == "restart" and len(args) == 1 and args[0] in by_name:
+            await by_name[args[0]].restart()
+            await by_name[args[0]].wait_ready()
+            return f"restarted {args[0]} (pid {by_name[args[0]].pid})\n".encode()
+        if (verb, len(args)) in (("load", 2), ("unload", 1)) and args[0] in lus:
+            path = args[1] if verb == "load" else None
+            log.info("admin: %s %s%s", verb, args[0], f" {path}" if path else "")
+            why = await lus[args[0]].replace_medium(path)
+            return (f"error: {why}\n" if why else f"{verb}ed {args[0]}{f' {path}' if path else ''}\n").encode()
+        return (f"error: expected `status`, `restart LU`, `load LU PATH` or `unload LU` (LUs: "
+                f"{', '.join(by_name)})\n").encode()
 
     async def _wait_for_emulators(self) -> None:
         """Give every emulator a chance to come up before the portals open; a broken one must not keep the

@@ -136,6 +136,30 @@ class LogicalUnit:
         self.medium = {"path": path, "object": 0, "loaded": path is not None, "block_size": block_size}
         return self.emulator.send_control({"op": "load", "path": path} if path else {"op": "unload"})
 
+    async def replace_medium(self, path: str | None) -> str | None:
+        """An operator's media change (admin `load`/`unload`): take out what the drive holds, then load `path`
+        (None: leave it empty).  Returns None when done, else why not.  The drive's own answer decides (it
+        refuses to give up a medium an initiator has locked), and the core keeps the state it reports."""
+        info = self.emulator.info
+        if info is None or "removable" not in info.features:
+            return f"{self.name} is not a removable-medium device" if info else f"{self.name} is not running"
+        steps: list[str | None] = [None] if (self.medium or {}).get("path") is not None else []
+        if path is not None:
+            steps.append(path)
+        for step in steps:
+            pending = self.change_medium(step)
+            if pending is None:
+                return f"{self.name}: the emulator is not running; the change applies when it is back"
+            await pending.done.wait()
+            result = pending.result
+            if result is None:
+                return f"{self.name}: the emulator went away during the change"
+            done = result.message or {}
+            self.medium = {k: done.get(k) for k in ("path", "object", "loaded", "block_size")}
+            if result.status != 0:
+                return f"{self.name}: {done.get('message') or 'refused'}"
+        return None
+
     def _relay_move(self, message: dict[str, Any]) -> None:
         """A changer moved a cartridge into or out of a drive: tell the drive before MOVE MEDIUM completes."""
         drive = self.resolve_drive(message.get("serial"), message.get("lun"))
