@@ -388,7 +388,7 @@ async def test_ordered_command_sees_every_older_write(tmp_path: object) -> None:
         results: dict[str, object] = {}
 
         async def read_ordered() -> None:
-            results["read"] = await ini.scsi(read10(0, 64), read=64 * 512, attr=1)
+            results["read"] = await ini.scsi(read10(0, 64), read=64 * 512, attr=2)    # iSCSI ATTR 2: ORDERED
 
         async with trio.open_nursery() as nursery:
             for lba, data in blocks.items():

@@ -113,3 +113,12 @@ async def test_an_aborted_dormant_task_never_reaches_the_emulator() -> None:
         assert await lu.abort([tasks[2]]) == 1
         emulator.release[1].set()
     assert emulator.reached == [1]
+
+
+def test_the_iscsi_transport_maps_rfc_7143_attributes_to_sam() -> None:
+    """RFC 7143 numbers ATTR 0 untagged, 1 simple, 2 ordered, 3 head of queue, 4 ACA; SAM 0 simple, 1 ordered,
+    2 head of queue, 4 ACA.  Initiators (libiscsi, Linux) send 1 for an ordinary command: it must stay SIMPLE."""
+    from trioscsi.iscsi.connection import _task_attribute
+    assert [_task_attribute(a) for a in range(5)] == [TaskAttribute.SIMPLE, TaskAttribute.SIMPLE,
+                                                      TaskAttribute.ORDERED, TaskAttribute.HEAD_OF_QUEUE,
+                                                      TaskAttribute.ACA]

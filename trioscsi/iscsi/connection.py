@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..core.lu import TaskAborted
-from ..core.nexus import Command, Response, TmfFunction, TmfResponse, decode_lun
+from ..core.nexus import Command, Response, TaskAttribute, TmfFunction, TmfResponse, decode_lun
 from ..scsi.opcodes import cdb_length, lookup
 from ..scsi.sense import CheckCondition, Status
 from .framing import NEED_DATA, DigestError, PduReader, encode_pdu
@@ -326,7 +326,8 @@ class Connection(StatusStamp):
             session.window.started()
             assert session.commands is not None and session.target is not None
             lun = decode_lun(item.lun)
-            task.core = session.target.admit(session.nexus, lun if lun is not None else 0xFFFF, item.itt, item.attr)
+            task.core = session.target.admit(session.nexus, lun if lun is not None else 0xFFFF, item.itt,
+                                             _task_attribute(item.attr))
             session.commands.start_soon(self._run_command, task)
         self._sequence(pdu, start)
 
@@ -379,7 +380,7 @@ class Connection(StatusStamp):
             await self._gather(session, task)
         command = Command(session.nexus, lun if lun is not None else 0xFFFF, cdb, tag=pdu.itt,
                           data_out=task.buffer[:task.received] if pdu.write else b"",
-                          xfer=pdu.edtl if pdu.read else 0, attr=pdu.attr, admitted=task.core)
+                          xfer=pdu.edtl if pdu.read else 0, attr=_task_attribute(pdu.attr), admitted=task.core)
         if not pdu.read and not pdu.write and pdu.edtl:
             pass  # a transfer length with neither R nor W: the data has nowhere to go; residual reported
         try:
@@ -501,6 +502,16 @@ _HANDLERS: dict[type, Callable[[Connection, Any], bool | None]] = {
     SnackRequest: Connection._on_snack,
     LoginRequest: Connection._on_login_in_ffp,
 }
+
+
+# RFC 7143 11.3.1.2 numbers task attributes 0 untagged, 1 simple, 2 ordered, 3 head of queue, 4 ACA; the core
+# speaks SAM's numbering (TaskAttribute).  An untagged task is treated as simple.
+_SAM_ATTRIBUTE = {0: TaskAttribute.SIMPLE, 1: TaskAttribute.SIMPLE, 2: TaskAttribute.ORDERED,
+                  3: TaskAttribute.HEAD_OF_QUEUE, 4: TaskAttribute.ACA}
+
+
+def _task_attribute(iscsi_attr: int) -> int:
+    return _SAM_ATTRIBUTE.get(iscsi_attr, TaskAttribute.SIMPLE)
 
 
 def _stamped(pdu: Any, **fields: int) -> Any:

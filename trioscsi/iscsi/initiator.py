@@ -194,8 +194,9 @@ class Initiator:
         return itt, waiter
 
     async def scsi(self, cdb: bytes, *, lun: int = 0, read: int = 0, write: bytes = b"",
-                   immediate_data: int | None = None, edtl: int | None = None, attr: int = 0) -> ScsiResult:
-        """Send one CDB; `read` is the data-in length accepted, `write` the data-out."""
+                   immediate_data: int | None = None, edtl: int | None = None, attr: int = 1) -> ScsiResult:
+        """Send one CDB; `read` is the data-in length accepted, `write` the data-out, `attr` the iSCSI ATTR field
+        (RFC 7143 numbering: 1 simple, 2 ordered, 3 head of queue)."""
         edtl = edtl if edtl is not None else (read or len(write))
         first = write[:immediate_data if immediate_data is not None else min(len(write), 65536)]
         lun_field = struct.unpack(">Q", struct.pack(">BB6x", 0, lun) if lun < 256 else
