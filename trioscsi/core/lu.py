@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -53,15 +53,29 @@ class TaskAborted(Exception):
     """The command was aborted by task management; the transport sends no response for it."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     nexus: Nexus
     tag: int
     scope: trio.CancelScope
-    ended: trio.Event = field(default_factory=trio.Event)
     aborted: bool = False
     attr: int = TaskAttribute.SIMPLE
     seq: int = 0                       # delivery order within the LU's task set
+    done: bool = False
+    _ended: trio.Event | None = None   # made only for whoever waits (task management, ordering)
+
+    @property
+    def ended(self) -> trio.Event:
+        if self._ended is None:
+            self._ended = trio.Event()
+            if self.done:
+                self._ended.set()
+        return self._ended
+
+    def finish(self) -> None:
+        self.done = True
+        if self._ended is not None:
+            self._ended.set()
 
 
 _ORDERING = (TaskAttribute.ORDERED, TaskAttribute.HEAD_OF_QUEUE)
@@ -203,17 +217,29 @@ class LogicalUnit:
             await self._wait_turn(task)
         spec = lookup(self.device_type, cmd.cdb[0])
         read_only = read_only or self.options.read_only
+        wanted = self._wanted(cmd, spec)
         try:
-            return (self._unit_attention(cmd, spec)
-                    or self._reservation_conflict(cmd, spec)
-                    or await self._reservation_command(cmd)
-                    or self._write_protect(spec, read_only)
-                    or self._transfer_limit(cmd, spec)
-                    or await self._run_in_emulator(cmd, spec, read_only))
+            response = (self._unit_attention(cmd, spec)
+                        or self._reservation_conflict(cmd, spec)
+                        or await self._reservation_command(cmd)
+                        or self._write_protect(spec, read_only)
+                        or self._transfer_limit(cmd, wanted)
+                        or await self._run_in_emulator(cmd, spec, read_only))
         except Conflict:
-            return Response(Status.RESERVATION_CONFLICT)
+            response = Response(Status.RESERVATION_CONFLICT)
         except CheckCondition as cc:
-            return Response(Status.CHECK_CONDITION, cc.sense())
+            response = Response(Status.CHECK_CONDITION, cc.sense())
+        response.wanted = wanted
+        return response
+
+    def _wanted(self, cmd: Command, spec: CommandSpec) -> int | None:
+        """The transfer length the CDB asks for (None when the opcode table cannot say, or no emulator yet)."""
+        if spec.length is None or self.emulator.info is None:
+            return None
+        try:
+            return spec.length(cmd.cdb, self.block_size)
+        except (IndexError, ValueError):
+            return None
 
     def _unit_attention(self, cmd: Command, spec: CommandSpec) -> Response | None:
         if spec.ua_exempt and cmd.cdb[0] != REQUEST_SENSE:
@@ -266,19 +292,13 @@ class LogicalUnit:
             raise CheckCondition(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
         return None
 
-    def _transfer_limit(self, cmd: Command, spec: CommandSpec) -> None:
+    def _transfer_limit(self, cmd: Command, wanted: int | None) -> None:
         """SBC-4: a transfer beyond the device's maximum is INVALID FIELD IN CDB (it could not cross the wire)."""
         info = self.emulator.info
         if info is None:
             return
         limit = info.max_transfer
-        wanted = 0
-        if spec.length is not None:
-            try:
-                wanted = spec.length(cmd.cdb, self.block_size)
-            except (IndexError, ValueError):
-                wanted = 0
-        if len(cmd.data_out) > limit or min(wanted, cmd.xfer) > limit:
+        if len(cmd.data_out) > limit or min(wanted or 0, cmd.xfer) > limit:
             raise CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB)
 
     async def _run_in_emulator(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
@@ -290,14 +310,14 @@ class LogicalUnit:
 
     async def _run_task(self, cmd: Command, spec: CommandSpec, read_only: bool) -> Response:
         # The abort must fit inside the command's time limit too, so no initiator waits longer than it.
-        timeout = self.options.command_timeout
-        task = Task(cmd.nexus, cmd.tag, trio.CancelScope(deadline=trio.current_time() + timeout
-                                                         - self.emulator.spec.abort_grace))
-        admitted = cmd.admitted        # the transport registered it at delivery: abort cancels that scope
-        if not admitted:
+        scope = trio.CancelScope(deadline=trio.current_time() + self.options.command_timeout
+                                 - self.emulator.spec.abort_grace)
+        task = None                    # admitted by the transport at delivery: abort cancels the transport's scope
+        if cmd.admitted is None:
+            task = Task(cmd.nexus, cmd.tag, scope)
             self.tasks.add(task)
         try:
-            with task.scope:
+            with scope:
                 splice = identity.asks_for_device_identification(cmd.cdb)
                 cdb, xfer = (identity.widen_allocation(cmd.cdb), 0xFFFF) if splice else (cmd.cdb, cmd.xfer)
                 result = await self.emulator.execute(cdb, cmd.data_out, xfer, retry_safe=spec.retry_safe,
@@ -319,10 +339,10 @@ class LogicalUnit:
             log.warning("%s: %s lost with its emulator; initiator will retry", self.name, spec.name)
             raise CheckCondition(SenseKey.ABORTED_COMMAND, Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE) from None
         finally:
-            if not admitted:
+            if task is not None:
                 self.tasks.discard(task)
-                task.ended.set()
-        if task.aborted:
+                task.finish()
+        if task is not None and task.aborted:
             raise TaskAborted()
         log.warning("%s: %s timed out after %.1f s", self.name, spec.name, self.options.command_timeout)
         if spec.retry_safe:
@@ -355,7 +375,7 @@ class LogicalUnit:
             self.tasks.discard(task)
             if task.attr in _ORDERING:
                 self._ordering_tasks -= 1
-        task.ended.set()
+        task.finish()
 
     async def _wait_turn(self, task: Task) -> None:
         """SAM-5 8.6 (restricted reordering): a SIMPLE task waits for every older ORDERED and HEAD OF QUEUE

@@ -47,6 +47,7 @@ class Response:
     status: int
     sense: bytes = b""
     data: bytes | memoryview = b""
+    wanted: int | None = None      # bytes the CDB asked to transfer, when the LU's opcode table says (residuals)
 
 
 class TmfFunction(IntEnum):

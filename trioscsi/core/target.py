@@ -9,7 +9,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 
-from ..scsi.opcodes import DeviceType
+from ..scsi.opcodes import DeviceType, lookup
 from ..scsi.sense import Asc, CheckCondition, SenseKey, Status, build_sense
 from .access import AccessControl, LunMapping
 from .lu import LogicalUnit, Task, TaskAborted
@@ -46,15 +46,18 @@ class ScsiTarget:
                                      field=(len(cmd.cdb) - 1, 2))
             luns = self.lun_map(cmd.nexus)
             mapping = luns.get(cmd.lun)
+            if mapping is not None and cmd.cdb[0] != REPORT_LUNS:
+                return await mapping.lu.execute(cmd, read_only=mapping.read_only)
             if cmd.cdb[0] == REPORT_LUNS:
                 if mapping is not None:
                     mapping.lu.unit_attentions.clear(cmd.nexus, Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
-                return self._report_luns(cmd, luns)
-            if mapping is None:
-                return self._missing_lun(cmd)
-            return await mapping.lu.execute(cmd, read_only=mapping.read_only)
+                response = self._report_luns(cmd, luns)
+            else:
+                response = self._missing_lun(cmd)
         except CheckCondition as cc:
-            return Response(Status.CHECK_CONDITION, cc.sense())
+            response = Response(Status.CHECK_CONDITION, cc.sense())
+        response.wanted = _spc_wanted(cmd.cdb)        # answered here: INQUIRY, REQUEST SENSE, REPORT LUNS
+        return response
 
     def _report_luns(self, cmd: Command, luns: Mapping[int, LunMapping]) -> Response:
         select = cmd.cdb[2]
@@ -103,7 +106,7 @@ class ScsiTarget:
         if lu is not None:
             lu.release(task)
         else:
-            task.ended.set()
+            task.finish()
 
     async def task_management(self, nexus: Nexus, function: int, lun: int, ref_tag: int) -> TmfResponse:
         """Perform a task management function; returns only when every affected command has ended."""
@@ -164,6 +167,15 @@ class ScsiTarget:
     def nexus_lost(self, nexus: Nexus) -> None:
         for lu in self.logical_units:
             lu.nexus_lost(nexus)
+
+
+def _spc_wanted(cdb: bytes) -> int | None:
+    """The allocation length of a command the target answers itself (SPC commands every device type shares)."""
+    spec = lookup(DeviceType.NO_DEVICE, cdb[0])
+    try:
+        return spec.length(cdb, 512) if spec.length is not None else None
+    except (IndexError, ValueError):
+        return None
 
 
 __all__ = ["ScsiTarget", "TmfFunction", "TaskAborted"]

@@ -17,7 +17,7 @@ import trio
 
 from ..core.lu import TaskAborted
 from ..core.nexus import Command, Response, TaskAttribute, TmfFunction, TmfResponse, decode_lun
-from ..scsi.opcodes import cdb_length, lookup
+from ..scsi.opcodes import cdb_length
 from ..scsi.sense import CheckCondition, Status
 from .framing import NEED_DATA, DigestError, PduReader, encode_pdu
 from .login import LoginMachine
@@ -364,8 +364,7 @@ class Connection(StatusStamp):
             if core is not None:
                 lun = decode_lun(pdu.lun)
                 session.target.release(session.nexus, lun if lun is not None else 0xFFFF, core)
-        wanted = self._wanted_length(session, task)
-        for out in task.response_pdus(response, max_data_segment=self.max_send_segment, wanted=wanted,
+        for out in task.response_pdus(response, max_data_segment=self.max_send_segment, wanted=response.wanted,
                                       stamp=self):
             self.queue(out)
 
@@ -400,22 +399,6 @@ class Connection(StatusStamp):
             self.queue(_stamped(r2t, statsn=self.statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn))
             r2tsn += 1
             await task.burst_done.wait()
-
-    def _wanted_length(self, session: Session, task: IscsiTask) -> int | None:
-        """What the CDB asked to transfer, for residual overflow (None when the opcode table cannot say)."""
-        assert session.target is not None
-        pdu = task.command
-        mapping = session.target.lun_map(session.nexus).get(decode_lun(pdu.lun) or 0)
-        if mapping is None:
-            return None
-        lu = mapping.lu
-        spec = lookup(lu.device_type, pdu.cdb[0])
-        if spec.length is None or lu.emulator.info is None:
-            return None
-        try:
-            return spec.length(bytes(pdu.cdb[:cdb_length(pdu.cdb)]), lu.block_size)
-        except (IndexError, ValueError):
-            return None
 
     def _on_task_mgmt(self, pdu: TaskMgmtRequest) -> None:
         session = self.session
