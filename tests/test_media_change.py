@@ -60,3 +60,30 @@ async def test_operator_changes_the_disc_and_the_initiator_is_told(tmp_path: obj
 
         assert (await server.admin(["unload", "stack/lun1"])).startswith(b"error: stack/lun1 is not a removable")
         assert (await server.admin(["load", "nosuch", other])).startswith(b"error: expected")
+
+
+async def test_a_locked_tray_stays_locked_across_an_emulator_crash(tmp_path: object) -> None:
+    """The core replays the PREVENT ALLOW MEDIUM REMOVAL of every nexus that holds one into a restarted
+    emulator: a crash must not let anyone eject a disc an initiator has locked."""
+    import signal
+
+    import trio
+    with open(os.path.join(str(tmp_path), "a.iso"), "wb") as f:
+        f.write(os.urandom(2048 * 16))
+    eject = bytes((0x1B, 0, 0, 0, 0x02, 0))
+    async with running_server(tmp_path, CONFIG) as (server, port), session(port) as ini:
+        await first_command(ini)
+        assert (await ini.scsi(PREVENT)).status == 0
+        emulator = server.emulators[0]
+        old_pid = emulator.pid
+        assert old_pid is not None
+        os.kill(old_pid, signal.SIGKILL)
+        with trio.fail_after(20):
+            while emulator.pid in (None, old_pid) or emulator.info is None:
+                await trio.sleep(0.05)
+            await emulator.wait_ready()
+        refused = await ini.scsi(eject)
+        assert (refused.status, refused.sense_key, refused.asc) == (2, 5, 0x5302)   # MEDIUM REMOVAL PREVENTED
+        assert (await server.admin(["unload", LU])).startswith(b"error:")
+        assert (await ini.scsi(ALLOW)).status == 0
+        assert (await ini.scsi(eject)).status == 0

@@ -27,6 +27,7 @@ log = logging.getLogger("trioscsi.core")
 RESERVE_6, RELEASE_6, RESERVE_10, RELEASE_10 = 0x16, 0x17, 0x56, 0x57
 PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT = 0x5E, 0x5F
 REQUEST_SENSE = 0x03
+PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
 
 
 _MODE_SENSE_WP_BYTE = {0x1A: 2, 0x5A: 3}    # MODE SENSE(6/10): device-specific parameter byte
@@ -110,6 +111,9 @@ class LogicalUnit:
         self.medium: dict[str, Any] | None = None
         self.resolve_drive: Callable[[str | None, int | None], LogicalUnit | None] = lambda serial, lun: None
         self._moves_in_flight: list[Any] = []
+        # Nexuses whose PREVENT ALLOW MEDIUM REMOVAL the device accepted: replayed into a restarted emulator, so
+        # a crash never unlocks a medium an initiator has locked (the emulator keeps the authoritative copy).
+        self.preventing: set[Nexus] = set()
         emulator.on_event = self._on_emulator_event
         emulator.on_ready = self._on_emulator_ready
 
@@ -127,7 +131,14 @@ class LogicalUnit:
         return int(((info.capacity if info else None) or {}).get("block_size", 512))
 
     def _on_emulator_ready(self, info: DeviceInfo) -> list[dict[str, Any]]:
-        """Control messages for a new emulator incarnation: restore a drive, or reconcile a changer's drives."""
+        """What a new emulator incarnation gets before its first command: its medium back, then every
+        prevention of medium removal still in force, as the PREVENT commands of the nexuses that hold one."""
+        return self._restore_medium(info) + [
+            {"op": "cmd", "cdb": bytes((PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1, 0)), "xfer": 0,
+             "nexus": _nexus_id(nexus)} for nexus in self.preventing]
+
+    def _restore_medium(self, info: DeviceInfo) -> list[dict[str, Any]]:
+        """Restore a drive's medium, or reconcile a changer's drives."""
         if "changer" in info.features:
             for drive in info.ready.get("drives") or []:
                 lu = self.resolve_drive(drive.get("serial"), drive.get("lun"))
@@ -322,6 +333,11 @@ class LogicalUnit:
                 cdb, xfer = (identity.widen_allocation(cmd.cdb), 0xFFFF) if splice else (cmd.cdb, cmd.xfer)
                 result = await self.emulator.execute(cdb, cmd.data_out, xfer, retry_safe=spec.retry_safe,
                                                      attr=cmd.attr, lun=cmd.lun, nexus=_nexus_id(cmd.nexus))
+                if cmd.cdb[0] == PREVENT_ALLOW_MEDIUM_REMOVAL and result.status == Status.GOOD:
+                    if cmd.cdb[4] & 0x03 == 0x01:
+                        self.preventing.add(cmd.nexus)
+                    elif not cmd.cdb[4] & 0x03:
+                        self.preventing.discard(cmd.nexus)
                 if self._moves_in_flight:
                     await self._settle_moves()
                 data = result.data
@@ -396,10 +412,12 @@ class LogicalUnit:
         """LOGICAL UNIT RESET: abort every task, drop the SPC-2 reservation, tell every nexus."""
         await self.abort(list(self.tasks) if victims is None else victims)
         self.emulator.notify({"op": "reset"})      # nexus state in the emulator (PREVENT, copy lists) ends too
+        self.preventing.clear()
         self.reservations.reset()
         self.unit_attentions.raise_all(Asc.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     def nexus_lost(self, nexus: Nexus) -> None:
         self.emulator.notify({"op": "nexus_lost", "nexus": _nexus_id(nexus)})
+        self.preventing.discard(nexus)
         self.reservations.nexus_lost(nexus)
         self.unit_attentions.forget(nexus)
