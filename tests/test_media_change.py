@@ -1,10 +1,13 @@
 """An operator changes the disc in a CD-ROM LU (`trioscsi admin load|unload`, `Server.admin`) while an initiator
-uses it: the initiator sees MEDIUM MAY HAVE CHANGED and the new capacity, a locked tray keeps its disc, and a
-device without removable media says so."""
+uses it: the initiator sees MEDIUM MAY HAVE CHANGED and the new capacity, a locked tray keeps its disc (even
+across an emulator crash), and a device without removable media says so."""
 from __future__ import annotations
 
 import os
+import signal
 import struct
+
+import trio
 
 from test_stack import first_command, running_server, session
 
@@ -65,9 +68,6 @@ async def test_operator_changes_the_disc_and_the_initiator_is_told(tmp_path: obj
 async def test_a_locked_tray_stays_locked_across_an_emulator_crash(tmp_path: object) -> None:
     """The core replays the PREVENT ALLOW MEDIUM REMOVAL of every nexus that holds one into a restarted
     emulator: a crash must not let anyone eject a disc an initiator has locked."""
-    import signal
-
-    import trio
     with open(os.path.join(str(tmp_path), "a.iso"), "wb") as f:
         f.write(os.urandom(2048 * 16))
     eject = bytes((0x1B, 0, 0, 0, 0x02, 0))
