@@ -91,6 +91,7 @@ class DrillReport:
     file_blocks_bad: int = 0
     sessions: list[int] = field(default_factory=list)   # distinct sessions that served each qemu-img run
     tool_failures: list[str] = field(default_factory=list)
+    busy_connects: int = 0              # qemu-img runs that could not open the LU because it answered BUSY
     problems: list[str] = field(default_factory=list)
     workdir: str = ""
 
@@ -111,6 +112,7 @@ class DrillReport:
             f"  writes acknowledged: {self.writes_acknowledged}, blocks verified: {self.blocks_verified}, "
             f"bad blocks (iSCSI read-back / backing file): {self.blocks_bad} / {self.file_blocks_bad}",
             f"  sessions per qemu-img run: {self.sessions}",
+            f"  qemu-img runs opened again after a BUSY at connect: {self.busy_connects}",
         ]
         lines += [f"  qemu-img: {f}" for f in self.tool_failures]
         lines += [f"  PROBLEM: {p}" for p in self.problems]
@@ -222,6 +224,10 @@ def limit(options: DrillOptions, server: Server) -> float:
     return min(options.command_timeout, hang) + 1.0 if options.mode == "stop" else options.command_timeout
 
 
+BUSY_AT_CONNECT = "Failed to connect to LUN : BUSY"
+MAX_BUSY_CONNECTS = 3
+
+
 async def run_tool(argv: list[str], timeout: float) -> tuple[int, str]:
     with trio.move_on_after(timeout) as scope:
         result = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
@@ -307,6 +313,11 @@ async def drill(options: DrillOptions) -> DrillReport:
             sessions.begin()
             code, out = await run_tool(bench, options.tool_timeout)
             report.sessions.append(sessions.end())
+            if code != 0 and BUSY_AT_CONNECT in out and report.busy_connects < MAX_BUSY_CONNECTS:
+                # libiscsi's login TEST UNIT READY met a hung emulator and got BUSY, which it does not retry;
+                # an initiator that retries BUSY (Linux) would have gone on. Nothing was written: run it again.
+                report.busy_connects += 1
+                continue
             report.rounds += 1
             if code != 0:
                 report.tool_failures.append(f"bench round {report.rounds} exited {code}: {_tail(out)}")
