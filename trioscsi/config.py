@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 3260
+NBD_PORT = 10809
 BUILTIN_EMULATORS = ("vdisk", "null", "vtape", "vchanger", "vcdrom")
 
 DEFAULT_CONFIG = """\
@@ -143,24 +144,37 @@ class TargetConfig:
 
 
 @dataclass
+class NbdConfig:
+    """One NBD export (docs/nbd.md): a disk LUN of a target, offered under `export` on `listen`."""
+    listen: tuple[str, int]
+    export: str
+    target: str
+    lun: int = 0
+    read_only: bool = False
+    initiator: str | None = None        # the initiator name the target's ACL sees (default: nbd:<address>)
+    relative_port: int = 2              # the relative target port identifier of the NBD target port
+
+
+@dataclass
 class Config:
     file: str
     portals: list[tuple[str, int]]
     targets: list[TargetConfig]
     state_dir: str | None = None
     discovery_chap: ChapConfig | None = None
+    nbd: list[NbdConfig] = field(default_factory=list)
 
 
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:.+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """'HOST:PORT', '[V6]:PORT', 'HOST' -> (host, port)."""
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?|([0-9a-fA-F:]+)", text)
     if not m:
         raise ValueError(f"not HOST:PORT: {text!r}")
     host = m.group(1) or m.group(3) or m.group(5)
-    port = int(m.group(2) or m.group(4) or DEFAULT_PORT)
+    port = int(m.group(2) or m.group(4) or default_port)
     if not 0 <= port < 65536:  # 0: any free port (tests)
         raise ValueError(f"port out of range: {port}")
     return host, port
@@ -224,7 +238,7 @@ class _Checker:
         return best
 
     def config(self, doc: dict[str, Any]) -> Config:
-        self._known(doc, [], {"portal", "target", "server", "discovery"})
+        self._known(doc, [], {"portal", "target", "server", "discovery", "nbd"})
         server = doc.get("server", {})
         self._known(server, ["server"], {"state_dir"})
         portals = []
@@ -244,7 +258,45 @@ class _Checker:
         discovery = doc.get("discovery", {})
         self._known(discovery, ["discovery"], {"chap"})
         discovery_chap = self.chap(discovery["chap"], ["discovery", "chap"]) if "chap" in discovery else None
-        return Config(self.file, portals, targets, server.get("state_dir"), discovery_chap)
+        nbd = [self.nbd(table, ["nbd", i], targets) for i, table in enumerate(self._list(doc, "nbd", []))]
+        seen: dict[tuple[tuple[str, int], str], int] = {}
+        for i, export in enumerate(nbd):
+            if (export.listen, export.export) in seen:
+                raise self.fail(["nbd", i, "export"], f"export {export.export!r} is already offered on "
+                                                      f"{export.listen[0]}:{export.listen[1]}")
+            seen[(export.listen, export.export)] = i
+        return Config(self.file, portals, targets, server.get("state_dir"), discovery_chap, nbd)
+
+    def nbd(self, table: Any, path: list[str | int], targets: list[TargetConfig]) -> NbdConfig:
+        """An [[nbd]] export: which target's LUN, where, under which name (docs/nbd.md)."""
+        self._known(table, path, {"listen", "export", "target", "lun", "read_only", "initiator",
+                                  "relative_port"})
+        for key in ("export", "target"):
+            if key not in table:     # a missing key has no line of its own: name the table's
+                raise ConfigError(self.file, self._locate(path), _dotted(path + [key]), "required key is missing")
+        try:
+            listen = parse_listen(self._get(table, path + ["listen"], str, f"127.0.0.1:{NBD_PORT}"), NBD_PORT)
+        except ValueError as exc:
+            raise self.fail(path + ["listen"], str(exc)) from None
+        export = self._get(table, path + ["export"], str)
+        if len(export.encode()) > 4096 or "\0" in export:
+            raise self.fail(path + ["export"], "an NBD export name is at most 4096 bytes, without NUL")
+        name = self._get(table, path + ["target"], str)
+        target = next((t for t in targets if t.name == name), None)
+        if target is None:
+            raise self.fail(path + ["target"], f"no [[target]] named {name!r}")
+        number = self._int(table, path + ["lun"], 0, 0, 16383)
+        lun = next((entry for entry in target.luns if entry.lun == number), None)
+        if lun is None:
+            raise self.fail(path + ["lun"], f"{name} has no LUN {number}")
+        if lun.emulator in ("vtape", "vchanger", "vcdrom"):
+            raise self.fail(path + ["lun"], f"LUN {number} is a {lun.emulator}: NBD exports disks only")
+        initiator = self._get(table, path + ["initiator"], str, None)
+        if initiator is not None and not initiator:
+            raise self.fail(path + ["initiator"], "expected a non-empty initiator name")
+        return NbdConfig(listen=listen, export=export, target=name, lun=number,
+                         read_only=self._get(table, path + ["read_only"], bool, False), initiator=initiator,
+                         relative_port=self._int(table, path + ["relative_port"], 2, 1, 65535))
 
     def target(self, table: dict[str, Any], i: int) -> TargetConfig:
         path: list[str | int] = ["target", i]

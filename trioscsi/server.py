@@ -1,8 +1,9 @@
 """The server: builds logical units, targets and transports from a configuration and owns their lifetimes.
 
-Ownership (one nursery, named owners): the server nursery runs one supervisor per emulator and the iSCSI
-service (which owns its portals, connections and sessions).  SIGINT/SIGTERM cancel it with a grace period so
-emulators get EOF on stdin and flush before they exit.
+Ownership (one nursery, named owners): the server nursery runs one supervisor per emulator, the iSCSI
+service (which owns its portals, connections and sessions) and the NBD service (its listeners and
+connections).  SIGINT/SIGTERM cancel it with a grace period so emulators get EOF on stdin and flush before
+they exit.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .core.lu import LogicalUnit, LuOptions
 from .core.target import ScsiTarget
 from .emu.supervisor import Emulator, EmulatorSpec
 from .iscsi.portal import ExportedTarget, IscsiService
+from .nbd.server import NbdExport, NbdService
 
 log = logging.getLogger("trioscsi")
 
@@ -50,11 +52,14 @@ class Server:
     emulators: list[Emulator] = field(default_factory=list)
     _lus: dict[str, list[LogicalUnit]] = field(default_factory=dict)
     iscsi: IscsiService | None = None
+    nbd: NbdService | None = None
 
     def build(self) -> None:
         exported = [ExportedTarget(t, self._target(t)) for t in self.config.targets]
         self._wire_drives(exported)
         self.iscsi = IscsiService(exported, self.config.portals, discovery_chap=self.config.discovery_chap)
+        by_name = {t.config.name: t.scsi for t in exported}
+        self.nbd = NbdService([NbdExport(e, by_name[e.target]) for e in self.config.nbd])
 
     def _target(self, config: TargetConfig) -> ScsiTarget:
         devices = {lun.name: (lun, self._logical_unit(config, lun)) for lun in config.luns}
@@ -145,6 +150,8 @@ class Server:
                 nursery.start_soon(emulator.run)
             await self._wait_for_emulators()
             await nursery.start(self._serve_admin)
+            if self.nbd is not None and self.nbd.listeners:
+                await nursery.start(self.nbd.serve)     # before the portals: "iSCSI answers" means all is up
             bound = await nursery.start(self.iscsi.serve)
             task_status.started(bound)
 
