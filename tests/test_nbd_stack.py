@@ -297,3 +297,31 @@ def test_config_defaults_and_duplicates() -> None:
     with pytest.raises(ConfigError, match="already offered"):
         config_module.parse(base + f'[[nbd]]\nexport = "d"\ntarget = "{TARGET}"\n' * 2, "x.toml")
     assert config_module.parse(config_module.DEFAULT_CONFIG, "default").nbd == []
+
+
+async def test_reload_closes_the_nbd_connections_that_lost_their_lun(tmp_path: object) -> None:
+    """SIGHUP reload (`Server.apply_access`): a connection whose initiator may no longer use the LUN is closed,
+    as is one whose LUN became read-only; the others keep working."""
+    group = ('  default_access = false\n  [[target.group]]\n  initiators = ["nbd:*"]\n'
+             '  luns = [ { lun = 0, device = "lun0" } ]\n  [[target.lun]]')
+    text = CONFIG.replace('  [[target.lun]]', group, 1)
+    server = Server(config_module.parse(text, "test.toml"), str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert server.nbd is not None
+        port = server.nbd.bound[0][1]
+        async with nbd(port) as client:
+            assert await client.write(0, b"\x11" * 512) == 0
+            server.apply_access(config_module.parse(text, "same.toml"))          # nothing changed: stays
+            assert await client.read(0, 512) == (0, b"\x11" * 512)
+            read_only = text.replace('{ lun = 0, device = "lun0" }', '{ lun = 0, device = "lun0", read_only = true }')
+            server.apply_access(config_module.parse(read_only, "ro.toml"))
+            with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+                await client.read(0, 512)
+        async with nbd(port) as client:                                         # a new connection is read-only
+            assert client.flags & 0x02                                           # NBD_FLAG_READ_ONLY
+            gone = read_only.replace('initiators = ["nbd:*"]', 'initiators = ["nbd:nobody"]')
+            server.apply_access(config_module.parse(gone, "gone.toml"))
+            with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+                await client.read(0, 512)
+        nursery.cancel_scope.cancel()

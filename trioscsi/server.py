@@ -110,6 +110,8 @@ class Server:
                     log.info("reload: LUN map of %s on %s changed", nexus.initiator_port, new.name)
                     for mapping in scsi.lun_map(nexus).values():
                         mapping.lu.unit_attentions.raise_for(nexus, Asc.REPORTED_LUNS_DATA_HAS_CHANGED)
+        if self.nbd is not None:
+            self.nbd.apply_access()
         log.info("reload: access rules applied")
 
     def _wire_drives(self, exported: list[ExportedTarget]) -> None:

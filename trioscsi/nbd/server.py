@@ -56,6 +56,7 @@ class NbdService:
         for export in exports:
             self.listeners.setdefault(export.config.listen, {})[export.config.export] = export
         self.bound: list[tuple[str, int]] = []
+        self.connections: set[NbdConnection] = set()
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -87,7 +88,24 @@ class NbdService:
                     raise
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer = stream.socket.getpeername()[:2]
-                connections.start_soon(NbdConnection(stream, exports, local, peer).run)
+                connections.start_soon(self._serve_connection, NbdConnection(stream, exports, local, peer))
+
+    async def _serve_connection(self, connection: NbdConnection) -> None:
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+
+    def apply_access(self) -> None:
+        """After a configuration reload: close the connections whose view of their export changed (the LUN is
+        no longer theirs, or its read-only flag moved). NBD cannot tell a client its export changed, so it must
+        connect again and negotiate afresh."""
+        for connection in list(self.connections):
+            reason = connection.lost_access()
+            if reason:
+                log.info("reload: %s: %s; closing the NBD connection", connection.peer, reason)
+                connection.close()
 
 
 class NbdConnection:
@@ -106,15 +124,32 @@ class NbdConnection:
         self._tags = itertools.count(1)
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._scope = trio.CancelScope()
+
+    def close(self) -> None:
+        self._scope.cancel()
+
+    def lost_access(self) -> str | None:
+        """Why the negotiated export is no longer what this connection may use, or None."""
+        export, nexus, geometry = self.export, self.nexus, self.geometry
+        if export is None or nexus is None or geometry is None:
+            return None
+        mapping = export.target.lun_map(nexus).get(export.config.lun)
+        if mapping is None:
+            return f"{nexus.initiator_name} may no longer use LUN {export.config.lun} of {export.target.name}"
+        if mapping.read_only and not geometry.read_only:
+            return f"LUN {export.config.lun} of {export.target.name} became read-only for {nexus.initiator_name}"
+        return None
 
     # ---- lifetime --------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve this connection until the client disconnects or breaks the protocol."""
+        """Serve this connection until the client disconnects or breaks the protocol (or a reload closes it)."""
         try:
-            if await self._handshake():
-                async with trio.open_nursery() as requests:
-                    await self._receive_requests(requests)
+            with self._scope:
+                if await self._handshake():
+                    async with trio.open_nursery() as requests:
+                        await self._receive_requests(requests)
         except* (ConnectionClosed, NbdProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
                  OSError, trio.TooSlowError) as group:
             log.info("%s: NBD connection closed: %s", self.peer, _first_reason(group))
