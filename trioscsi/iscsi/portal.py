@@ -6,15 +6,14 @@ child of the connection that created it.
 """
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 from dataclasses import dataclass
 
 import trio
 
 from ..config import ChapConfig, TargetConfig
 from ..core.target import ScsiTarget
+from ..listening import accept_forever, format_address, listen
 from .connection import Connection
 from .discovery import TextResponder
 from .chap import ChapAuthenticator, ChapCredentials, ChapPolicy
@@ -57,31 +56,20 @@ class IscsiService:
                     ) -> None:
         listeners = []
         for host, port in self.portals:
-            listeners += await _listen(host, port)
+            listeners += await listen(host, port)
         self.bound = [sock.getsockname()[:2] for sock in listeners]
         for host, port in self.bound:
-            log.info("iSCSI portal listening on %s", _format_address(host, port))
+            log.info("iSCSI portal listening on %s", format_address(host, port))
         async with trio.open_nursery() as sessions:
             self._sessions = sessions
             async with trio.open_nursery() as connections:
-                for sock in listeners:
-                    connections.start_soon(self._accept_loop, sock, connections)
-                task_status.started(self.bound)
+                def connected(stream: trio.SocketStream) -> None:
+                    host, port = stream.socket.getpeername()[:2]
+                    connections.start_soon(Connection(self, stream, format_address(host, port), host).run)
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, connections: trio.Nursery) -> None:
-        async with trio.SocketListener(listener) as socket_listener:
-            while True:
-                try:
-                    stream = await socket_listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("accept failed (%s); retrying in 100 ms", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                host, port = stream.socket.getpeername()[:2]
-                connections.start_soon(Connection(self, stream, _format_address(host, port), host).run)
+                for sock in listeners:
+                    connections.start_soon(accept_forever, sock, connected, "iSCSI")
+                task_status.started(self.bound)
 
     def auth_failed(self, address: str) -> float:
         """Count an authentication failure from `address`; the delay before answering it (0: none yet).
@@ -187,27 +175,3 @@ def _policy(chap: ChapConfig | None) -> ChapPolicy | None:
         if chap.mutual_user and chap.mutual_secret else None
     return ChapPolicy(incoming=ChapCredentials(chap.user, chap.secret), outgoing=outgoing,
                       algorithms=chap.algorithms)
-
-
-
-async def _listen(host: str, port: int) -> list[trio.socket.SocketType]:
-    infos = await trio.socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                          flags=socket.AI_PASSIVE)
-    sockets = []
-    seen = set()
-    for family, kind, proto, _, address in infos:
-        if address in seen:
-            continue
-        seen.add(address)
-        sock = trio.socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(address)
-        sock.listen(128)
-        sockets.append(sock)
-    return sockets
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -10,11 +10,9 @@ state) when the connection ends.  See docs/nbd.md.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import itertools
 import logging
-import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -23,6 +21,7 @@ from ..config import NbdConfig
 from ..core.lu import Task, TaskAborted
 from ..core.nexus import Command, Nexus, Response
 from ..core.target import ScsiTarget
+from ..listening import accept_forever, format_address, listen
 from ..scsi.sense import CheckCondition, Status
 from . import scsi_map
 from .protocol import NEED_DATA, Aborted, Cmd, CmdFlag, Disconnect, Errno, Export, ExportRequested, \
@@ -60,35 +59,27 @@ class NbdService:
 
     async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        from ..iscsi.portal import _format_address, _listen
         sockets = []
         for (host, port), exports in self.listeners.items():
-            for sock in await _listen(host, port):
+            for sock in await listen(host, port):
                 sockets.append((sock, exports))
         self.bound = [sock.getsockname()[:2] for sock, _ in sockets]
         for (sock, exports), (host, port) in zip(sockets, self.bound):
-            log.info("NBD listening on %s: %s", _format_address(host, port), ", ".join(map(repr, exports)))
+            log.info("NBD listening on %s: %s", format_address(host, port), ", ".join(map(repr, exports)))
         async with trio.open_nursery() as connections:
             for sock, exports in sockets:
-                connections.start_soon(self._accept_loop, sock, exports, connections)
+                connections.start_soon(accept_forever, sock, self._on_connection(sock, exports, connections),
+                                       "NBD")
             task_status.started(self.bound)
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, exports: dict[str, NbdExport],
-                           connections: trio.Nursery) -> None:
+    def _on_connection(self, listener: trio.socket.SocketType, exports: dict[str, NbdExport],
+                       connections: trio.Nursery) -> Callable[[trio.SocketStream], None]:
         local = listener.getsockname()[:2]
-        async with trio.SocketListener(listener) as socket_listener:
-            while True:
-                try:
-                    stream = await socket_listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("NBD accept failed (%s); retrying in 100 ms", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = stream.socket.getpeername()[:2]
-                connections.start_soon(self._serve_connection, NbdConnection(stream, exports, local, peer))
+
+        def connected(stream: trio.SocketStream) -> None:
+            peer = stream.socket.getpeername()[:2]
+            connections.start_soon(self._serve_connection, NbdConnection(stream, exports, local, peer))
+        return connected
 
     async def _serve_connection(self, connection: NbdConnection) -> None:
         self.connections.add(connection)
