@@ -9,19 +9,18 @@ import struct
 import subprocess
 import sys
 import tempfile
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 
 from emulators.pyemu.client import ROOT, EmuClient, parse_sense
-from trioscsi import config as config_module
 from trioscsi.emu.checker import Options, run_checks
 from trioscsi.iscsi.initiator import Initiator
 from trioscsi.scsi.opcodes import Direction, lookup
-from trioscsi.server import Server
+
+from test_stack import running_server, session
 
 GOOD, CHECK = 0x00, 0x02
 NOT_READY, ILLEGAL_REQUEST, UNIT_ATTENTION, DATA_PROTECT = 0x2, 0x5, 0x6, 0x7
@@ -534,26 +533,9 @@ def test_core_opcode_table_for_mmc():
 TARGET = "iqn.2026-11.org.trioscsi:vcdrom"
 
 
-@asynccontextmanager
-async def served(state_dir: str, iso: str) -> AsyncIterator[int]:
-    text = "\n".join(('[[portal]]', 'listen = "127.0.0.1:0"', '[[target]]', f'name = "{TARGET}"', '[[target.lun]]',
-                      'lun = 0', 'emulator = "vcdrom"', f'params = {{ path = "{iso}" }}'))
-    server = Server(config_module.parse(text, "vcdrom.toml"), state_dir)
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(server.run)
-        yield bound[0][1]
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def logged_in(port: int, name: str) -> AsyncIterator[Initiator]:
-    ini = await Initiator.connect("127.0.0.1", port, name=name)
-    await ini.login(TARGET)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ini.run)
-        yield ini
-        nursery.cancel_scope.cancel()
-    await ini.stream.aclose()
+def vcdrom_config(iso: str) -> str:
+    return "\n".join(('[[portal]]', 'listen = "127.0.0.1:0"', '[[target]]', f'name = "{TARGET}"',
+                      '[[target.lun]]', 'lun = 0', 'emulator = "vcdrom"', f'params = {{ path = "{iso}" }}'))
 
 
 async def attention(ini: Initiator) -> int:
@@ -564,8 +546,9 @@ async def attention(ini: Initiator) -> int:
 
 async def test_through_the_stack(iso):
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="vcdrom-stack-") as state:
-        async with served(state, iso) as port, logged_in(port, "iqn.2026-11.test:a") as a, \
-                logged_in(port, "iqn.2026-11.test:b") as b:
+        async with running_server(state, vcdrom_config(iso)) as (_, port), \
+                session(port, TARGET, name="iqn.2026-11.test:a") as a, \
+                session(port, TARGET, name="iqn.2026-11.test:b") as b:
             # GET EVENT STATUS NOTIFICATION and GET CONFIGURATION pass a pending unit attention (MMC-6 4.1.6.1)
             result = await a.scsi(gesn(), read=8)
             assert result.status == GOOD and result.data[4:6] == bytes((0, 0x02)), result

@@ -52,9 +52,10 @@ async def running_server(tmp_path: object, text: str = CONFIG) -> AsyncIterator[
 
 
 @asynccontextmanager
-async def session(port: int, **kwargs: object) -> AsyncIterator[Initiator]:
+async def session(port: int, target: str = TARGET, **kwargs: object) -> AsyncIterator[Initiator]:
+    """A logged-in session of the project's initiator (`kwargs`: its name, ISID) with its reader running."""
     initiator = await Initiator.connect("127.0.0.1", port, **kwargs)  # type: ignore[arg-type]
-    await initiator.login(TARGET)
+    await initiator.login(target)
     async with trio.open_nursery() as nursery:
         await nursery.start(initiator.run)
         yield initiator

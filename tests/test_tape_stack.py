@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import struct
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import trio
 
 from trioscsi.iscsi.initiator import Initiator, ScsiResult
-from test_stack import running_server
+from test_stack import running_server, session
 
 TARGET = "iqn.2026-11.org.trioscsi:stack"
 SLOT1, DRIVE0 = 1000, 500
@@ -36,17 +34,6 @@ name = "{TARGET}"
   emulator = "vtape"
   serial = "DRV1"
 """
-
-
-@asynccontextmanager
-async def logged_in(port: int, name: str) -> AsyncIterator[Initiator]:
-    ini = await Initiator.connect("127.0.0.1", port, name=name)
-    await ini.login(TARGET)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ini.run)
-        yield ini
-        nursery.cancel_scope.cancel()
-    await ini.stream.aclose()
 
 
 async def clear_attentions(ini: Initiator, lun: int) -> None:
@@ -79,7 +66,7 @@ async def load(ini: Initiator) -> None:
 
 
 async def test_no_cartridge_is_not_ready_then_move_medium_loads_the_drive(tmp_path: object) -> None:
-    async with running_server(tmp_path, LIBRARY) as (_, port), logged_in(port, "iqn.2026-11.org.example:a") as a:
+    async with running_server(tmp_path, LIBRARY) as (_, port), session(port, name="iqn.2026-11.org.example:a") as a:
         await clear_attentions(a, 1)
         empty = await a.scsi(bytes(6), lun=1)
         assert (empty.status, empty.sense_key, empty.asc) == (2, 2, 0x3A00)
@@ -87,7 +74,7 @@ async def test_no_cartridge_is_not_ready_then_move_medium_loads_the_drive(tmp_pa
 
 
 async def test_variable_block_read_sense_and_residuals(tmp_path: object) -> None:
-    async with running_server(tmp_path, LIBRARY) as (_, port), logged_in(port, "iqn.2026-11.org.example:a") as a:
+    async with running_server(tmp_path, LIBRARY) as (_, port), session(port, name="iqn.2026-11.org.example:a") as a:
         await load(a)
         record = os.urandom(1000)
         assert (await a.scsi(write6(1000), lun=1, write=record)).status == 0
@@ -107,7 +94,7 @@ async def test_variable_block_read_sense_and_residuals(tmp_path: object) -> None
 
 
 async def test_early_warning_and_end_of_medium(tmp_path: object) -> None:
-    async with running_server(tmp_path, LIBRARY) as (_, port), logged_in(port, "iqn.2026-11.org.example:a") as a:
+    async with running_server(tmp_path, LIBRARY) as (_, port), session(port, name="iqn.2026-11.org.example:a") as a:
         await load(a)
         block = os.urandom(64 * 1024)
         results = [await a.scsi(write6(len(block)), lun=1, write=block) for _ in range(24)]   # 1.5 MiB > 1 MiB
@@ -120,8 +107,8 @@ async def test_early_warning_and_end_of_medium(tmp_path: object) -> None:
 
 async def test_reservation_keeps_a_second_initiator_off_the_drive(tmp_path: object) -> None:
     async with running_server(tmp_path, LIBRARY) as (_, port), \
-            logged_in(port, "iqn.2026-11.org.example:backup1") as one, \
-            logged_in(port, "iqn.2026-11.org.example:backup2") as two:
+            session(port, name="iqn.2026-11.org.example:backup1") as one, \
+            session(port, name="iqn.2026-11.org.example:backup2") as two:
         await load(one)
         await clear_attentions(two, 1)
         await clear_attentions(two, 0)
@@ -136,7 +123,7 @@ async def test_reservation_keeps_a_second_initiator_off_the_drive(tmp_path: obje
 
 async def test_drive_restart_keeps_the_position(tmp_path: object) -> None:
     async with running_server(tmp_path, LIBRARY) as (server, port), \
-            logged_in(port, "iqn.2026-11.org.example:a") as a:
+            session(port, name="iqn.2026-11.org.example:a") as a:
         await load(a)
         for n in range(3):
             assert (await a.scsi(write6(100), lun=1, write=bytes([n]) * 100)).status == 0
